@@ -68,6 +68,13 @@ class Grid:
         m[:3, 3] = self.origin
         return m
 
+    def scaled(self, factor: float) -> "Grid":
+        """A coarser (factor > 1) grid over the same field of view: first and last voxel centres kept."""
+        n = np.array(self.shape, dtype=np.float64)
+        m = np.maximum(np.ceil((n - 1) / factor) + 1, np.minimum(n, 2)).astype(int)
+        ratio = np.where(m > 1, (n - 1) / np.maximum(m - 1, 1), 1.0)
+        return Grid(tuple(int(x) for x in m), np.asarray(self.spacing) * ratio[::-1], self.origin, self.direction)
+
     @property
     def center(self) -> np.ndarray:
         """Physical centre of the field of view (the middle voxel position), mm."""
