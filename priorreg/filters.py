@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from .spatial import Grid
 
 
-def _separable(x: torch.Tensor, kernels: list[torch.Tensor | None]) -> torch.Tensor:
-    """Convolve each spatial axis (k, j, i) with its 1D kernel, replicate padding, channel-wise."""
+def _separable(x: torch.Tensor, kernels: list[torch.Tensor | None], padding: str = "replicate") -> torch.Tensor:
+    """Convolve each spatial axis (k, j, i) with its 1D kernel, channel-wise.
+
+    `padding` is "replicate" (images: no dark rim) or "constant" (labels: outside is background).
+    """
     b, c = x.shape[:2]
     y = x.reshape(b * c, 1, *x.shape[2:])
     for axis, kernel in enumerate(kernels):
@@ -27,7 +30,7 @@ def _separable(x: torch.Tensor, kernels: list[torch.Tensor | None]) -> torch.Ten
         shape[2 + axis] = n
         pad = [0, 0, 0, 0, 0, 0]
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = n // 2
-        y = F.conv3d(F.pad(y, pad, mode="replicate"), kernel.reshape(shape).to(y))
+        y = F.conv3d(F.pad(y, pad, mode=padding), kernel.reshape(shape).to(y))
     return y.reshape(b, c, *y.shape[2:])
 
 
@@ -40,10 +43,10 @@ def gaussian_kernel(sigma_voxels: float, truncate: float = 3.0) -> torch.Tensor 
     return k / k.sum()
 
 
-def gaussian_smooth_mm(x: torch.Tensor, grid: Grid, sigma_mm: float) -> torch.Tensor:
+def gaussian_smooth_mm(x: torch.Tensor, grid: Grid, sigma_mm: float, padding: str = "replicate") -> torch.Tensor:
     """Gaussian smoothing with a standard deviation of `sigma_mm` on every axis (0: no-op)."""
     spacing = np.asarray(grid.spacing)[::-1]  # (k, j, i) axes
-    return _separable(x, [gaussian_kernel(sigma_mm / s) for s in spacing])
+    return _separable(x, [gaussian_kernel(sigma_mm / s) for s in spacing], padding)
 
 
 def box_mean(x: torch.Tensor, window) -> torch.Tensor:

@@ -20,7 +20,12 @@ DICE_SIGMAS_MM = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
 def soft_dice(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """1 - soft Dice per batch element and channel, averaged: probabilistic labels in [0, 1]."""
+    """1 - soft Dice per batch element and channel, averaged: probabilistic labels in [0, 1].
+
+    Plain sums in the denominator, as seed 000's "soft probabilistic Dice": for
+    blurred labels the loss of a perfect match is above 0, but it is still the
+    minimum over misalignments, which is all a registration loss needs.
+    """
     dims = tuple(range(2, pred.dim()))
     inter = (pred * target).sum(dims)
     denom = pred.sum(dims) + target.sum(dims)
@@ -30,8 +35,15 @@ def soft_dice(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> to
 def multiscale_dice(
     pred: torch.Tensor, target: torch.Tensor, grid: Grid, sigmas_mm: Sequence[float] = DICE_SIGMAS_MM
 ) -> torch.Tensor:
-    """Seed 000's label loss: soft Dice of both labels smoothed by Gaussians of each sigma (mm)."""
-    losses = [soft_dice(gaussian_smooth_mm(pred, grid, s), gaussian_smooth_mm(target, grid, s)) for s in sigmas_mm]
+    """Seed 000's label loss: soft Dice of both labels smoothed by Gaussians of each sigma (mm).
+
+    Zero padding, as the paper's code ("SAME" convolutions): outside the field of view is background.
+    """
+
+    def smooth(x, s):
+        return gaussian_smooth_mm(x, grid, s, padding="constant")
+
+    losses = [soft_dice(smooth(pred, s), smooth(target, s)) for s in sigmas_mm]
     return torch.stack(losses).mean()
 
 
