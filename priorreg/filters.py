@@ -58,11 +58,15 @@ def box_mean(x: torch.Tensor, window) -> torch.Tensor:
 def index_gradient(x: torch.Tensor) -> torch.Tensor:
     """Central differences along (i, j, k) index axes: `[B, C, ...] -> [B, C, 3, ...]`.
 
-    Second-order one-sided differences at the borders (exact for quadratics), so
-    penalties are not dominated by edge artefacts on small volumes.
+    Second-order one-sided differences at the borders where an axis has 3 or
+    more voxels (exact for quadratics, so penalties are not dominated by edge
+    artefacts on small volumes), first-order with 2, and 0 along a one-voxel
+    axis (the data is taken as constant across it).
     """
-    edge_order = 2 if min(x.shape[2:]) >= 3 else 1
-    grads = torch.gradient(x, dim=(4, 3, 2), edge_order=edge_order)  # d/di, d/dj, d/dk
+    grads = []
+    for dim in (4, 3, 2):  # d/di, d/dj, d/dk
+        n = x.shape[dim]
+        grads.append(torch.zeros_like(x) if n < 2 else torch.gradient(x, dim=dim, edge_order=2 if n >= 3 else 1)[0])
     return torch.stack(grads, dim=2)
 
 
