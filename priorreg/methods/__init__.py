@@ -1,5 +1,10 @@
-"""Registration methods, one file each; `METHODS` maps the CLI's `--method` names to them."""
+"""Registration methods, one file each; `METHODS` maps the CLI's `--method` names to them.
 
+Every method takes `(fixed, moving, **options)` Volumes and returns a `RegistrationResult`;
+options a method does not use are ignored by the baselines and rejected by the others.
+"""
+
+from .baselines import register_centres, register_identity
 from .iterative import register_iterative
 
-METHODS = {"iterative": register_iterative}
+METHODS = {"identity": register_identity, "centres": register_centres, "iterative": register_iterative}
