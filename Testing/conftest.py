@@ -21,3 +21,8 @@ def artifacts_dir(request) -> Path:
     out = Path(__file__).parent / "artifacts" / request.node.name
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -77,13 +77,20 @@ def register_iterative(
     steps: tuple = (120, 80, 40),
     smooth_weight: float = 0.5,
     label_weight: float = 1.0,
+    label_sigmas_mm: tuple = losses.DICE_SIGMAS_MM,
+    image_weight: float = 1.0,
     lr_mm: float = 0.25,
     device: str = "auto",
     seed: int = 0,
     progress=None,
     cancel=None,
 ) -> RegistrationResult:
-    """Register `moving` to `fixed`; labels (both or neither) add a Dice term with `label_weight`."""
+    """Register `moving` to `fixed`; labels (both or neither) add seed 000's multiscale Dice term.
+
+    Labels are segmentations the user wants aligned (e.g. the gland), integer maps
+    or 4D channels; never pass evaluation landmarks here. `image_weight` 0 gives a
+    purely label-driven registration (the MR-US "oracle" of the project guide).
+    """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if len(levels) != len(steps):
@@ -114,9 +121,9 @@ def register_iterative(
 
     def loss_of(u, grid, f, m, fl):
         warped = warp(m, u, grid, mgrid)
-        loss = _similarity(similarity, f, warped, grid)
+        loss = image_weight * _similarity(similarity, f, warped, grid)
         if use_labels:
-            loss = loss + label_weight * losses.soft_dice(warp(m_lab, u, grid, mgrid), fl)
+            loss = loss + label_weight * losses.multiscale_dice(warp(m_lab, u, grid, mgrid), fl, grid, label_sigmas_mm)
         return loss
 
     # Affine stage, at the coarsest level: A = I + d, t = t0 + dt.

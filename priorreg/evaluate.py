@@ -1,0 +1,142 @@
+"""Metrics of a registration on a pair, and whole-task evaluations, in ARCHITECTURE.md's JSON format.
+
+Labels are never given to the method here: the method sees images only (unless
+a caller says otherwise), and this module warps the moving labels through the
+returned field to score it. MR-US labels are 4D (channel 0 gland, 1.. landmarks:
+gland Dice/HD95 and landmark TRE); other data sets have integer label maps
+(Dice per structure, HD95).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__, data, metrics
+from .jacobian import jacobian_stats
+from .registration import register
+from .spatial import Grid, resample
+from .volume import Volume
+
+# task -> (pairs loader, compare intensities: only for same-modality pairs)
+TASKS: dict[str, tuple[Callable, bool]] = {
+    "mrus_prostate": (lambda root, n, seed: data.mrus_pairs(root), False),
+    "hippocampus": (lambda root, n, seed: data.hippocampus_pairs(root, n=n, seed=seed), True),
+    "oasis": (lambda root, n, seed: data.oasis_pairs(root), True),
+}
+
+
+def _binary(volume: Volume, channel: int) -> Volume:
+    return volume.with_array((volume.array[channel] >= 0.5).astype(np.uint8))
+
+
+def pair_metrics(
+    field: Volume,
+    fixed: Volume,
+    moving: Volume,
+    fixed_labels: Volume | None = None,
+    moving_labels: Volume | None = None,
+    intensity: bool = False,
+) -> dict:
+    """Every metric that applies to this pair, as a flat dict of numbers (and lists per landmark)."""
+    grid = Grid.of(fixed)
+    out = {k: float(v) for k, v in jacobian_stats(field).items()}
+    if intensity:
+        warped = resample(moving, grid, field, mode="linear").array.astype(np.float64)
+        out["ssim"] = metrics.ssim(fixed.array.astype(np.float64), warped)
+        out["rmse"] = metrics.rmse(fixed.array.astype(np.float64), warped)
+    if fixed_labels is None or moving_labels is None:
+        return out
+    if fixed_labels.array.ndim == 4:  # MR-US: gland + landmarks
+        fixed_gland = _binary(fixed_labels, 0)
+        warped_gland = resample(_binary(moving_labels, 0), grid, field)
+        out["dice_mean"] = metrics.dice(fixed_gland, warped_gland, labels=[1])[1]
+        out["hd95_mm"] = metrics.hd95(fixed_gland, warped_gland)
+        tre = metrics.landmark_tre(field, fixed_labels, moving_labels)
+        out["tre_mm"] = [float(x) for x in tre["per_landmark"]]
+        out["tre_rms_mm"] = tre["rms"]
+    else:
+        warped_labels = resample(moving_labels, grid, field, mode="nearest")
+        per_label = metrics.dice(fixed_labels, warped_labels)
+        labels = [k for k, v in per_label.items() if np.isfinite(v)]
+        out["dice_mean"] = float(np.mean([per_label[k] for k in labels]))
+        out["hd95_mm"] = float(np.nanmean([metrics.hd95(fixed_labels, warped_labels, label=k) for k in labels]))
+    return out
+
+
+def summarise(pairs: list[dict]) -> dict:
+    """ARCHITECTURE.md's summary names, over all pairs (TRE pooled over every landmark)."""
+    s: dict[str, float] = {"n_pairs": len(pairs)}
+    tre = np.array([t for p in pairs for t in p.get("tre_mm", []) if np.isfinite(t)])
+    if tre.size:
+        s["tre_median_mm"] = float(np.median(tre))
+        s["tre_iqr_low_mm"], s["tre_iqr_high_mm"] = (float(x) for x in np.percentile(tre, [25, 75]))
+        s["tre_rms_mm"] = float(np.sqrt(np.mean(tre**2)))
+    dice = np.array([p["dice_mean"] for p in pairs if "dice_mean" in p])
+    if dice.size:
+        s["dice_mean"] = float(dice.mean())
+        s["dice30"] = float(np.sort(dice)[: max(1, int(np.ceil(0.3 * dice.size)))].mean())
+    for key in ("hd95_mm", "sdlogj", "folding_pct", "detj_mean", "detj_std", "ssim", "rmse", "seconds"):
+        values = [p[key] for p in pairs if key in p and np.isfinite(p[key])]
+        if values:
+            s["seconds_per_pair" if key == "seconds" else key] = float(np.mean(values))
+    return s
+
+
+def versions() -> dict:
+    return {
+        "priorreg": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "SimpleITK": sitk.Version_VersionString(),
+    }
+
+
+def evaluate_task(
+    task: str,
+    method: str,
+    root=None,
+    n_pairs: int | None = None,
+    split: str = "all",
+    seed: int = 0,
+    options: dict | None = None,
+    on_pair: Callable[[int, int, dict], None] | None = None,
+) -> dict:
+    """Register every pair of `task` (or a seeded sample of `n_pairs`) and score it."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
+    loader, intensity = TASKS[task]
+    pairs = loader(root, n_pairs, seed)
+    if split != "all":
+        pairs = data.split_by_patient(pairs, seed=seed)[split]
+    if n_pairs is not None and task != "hippocampus":
+        pairs = pairs[:n_pairs]
+    results = []
+    for index, pair in enumerate(pairs):
+        v = pair.load()
+        start = time.perf_counter()
+        result = register(v.fixed, v.moving, method=method, **(options or {}))
+        seconds = time.perf_counter() - start
+        row = {"id": pair.id, "fixed": pair.fixed.name, "moving": pair.moving.name, "seconds": seconds}
+        row.update(pair_metrics(result.field, v.fixed, v.moving, v.fixed_labels, v.moving_labels, intensity))
+        results.append(row)
+        if on_pair is not None:
+            on_pair(index, len(pairs), row)
+    return {
+        "task": task,
+        "method": method,
+        "model": None,
+        "data_root": str(data.data_root(root)),
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "versions": versions(),
+        "options": options or {},
+        "split": split,
+        "pairs": results,
+        "summary": summarise(results),
+    }
