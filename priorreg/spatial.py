@@ -22,81 +22,26 @@ in mm between grids of different spacing, origin and direction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .grid import Grid
 from .volume import Volume, VolumeError
 
 ALIGN_CORNERS = True
 _MODES = {"linear": "bilinear", "nearest": "nearest"}
 
 
-@dataclass(frozen=True)
-class Grid:
-    """Geometry of a 3D voxel grid: shape `(K, J, I)` and LPS spacing, origin, direction."""
-
-    shape: tuple
-    spacing: np.ndarray
-    origin: np.ndarray
-    direction: np.ndarray
-
-    @classmethod
-    def of(cls, volume: "Volume | Grid") -> "Grid":
-        if isinstance(volume, Grid):
-            return volume
-        return cls(tuple(volume.shape), volume.spacing.copy(), volume.origin.copy(), volume.direction.copy())
-
-    def matches(self, other: "Volume | Grid", atol: float = 1e-4) -> bool:
-        """Same shape and the same geometry within `atol` (mm, or direction cosines)."""
-        o = Grid.of(other)
-        return (
-            tuple(self.shape) == tuple(o.shape)
-            and np.allclose(self.spacing, o.spacing, atol=atol)
-            and np.allclose(self.origin, o.origin, atol=atol)
-            and np.allclose(self.direction, o.direction, atol=atol)
-        )
-
-    @property
-    def index_to_physical(self) -> np.ndarray:
-        """4x4: homogeneous index `(i, j, k, 1)` -> LPS mm."""
-        m = np.eye(4)
-        m[:3, :3] = self.direction * np.asarray(self.spacing)[None, :]
-        m[:3, 3] = self.origin
-        return m
-
-    def scaled(self, factor: float) -> "Grid":
-        """A coarser (factor > 1) grid over the same field of view: first and last voxel centres kept."""
-        n = np.array(self.shape, dtype=np.float64)
-        m = np.maximum(np.ceil((n - 1) / factor) + 1, np.minimum(n, 2)).astype(int)
-        ratio = np.where(m > 1, (n - 1) / np.maximum(m - 1, 1), 1.0)
-        return Grid(tuple(int(x) for x in m), np.asarray(self.spacing) * ratio[::-1], self.origin, self.direction)
-
-    @property
-    def center(self) -> np.ndarray:
-        """Physical centre of the field of view (the middle voxel position), mm."""
-        mid = (np.array(self.shape[::-1], dtype=np.float64) - 1) / 2
-        return self.index_to_physical[:3] @ np.append(mid, 1.0)
-
-    def _index_to_normalized(self) -> np.ndarray:
-        """4x4: index -> normalised grid_sample coordinate, per axis."""
-        n = np.array(self.shape[::-1], dtype=np.float64)  # (I, J, K)
-        scale = np.where(n > 1, 2.0 / np.maximum(n - 1, 1), 0.0)  # one-voxel axis: always its centre
-        m = np.eye(4)
-        m[:3, :3] = np.diag(scale)
-        m[:3, 3] = np.where(n > 1, -1.0, 0.0)
-        return m
-
-    def points(self, dtype=torch.float32, device=None) -> torch.Tensor:
-        """Physical coordinates of every voxel centre, `[K, J, I, 3]` in mm."""
-        k, j, i = (torch.arange(n, dtype=torch.float64, device=device) for n in self.shape)
-        kk, jj, ii = torch.meshgrid(k, j, i, indexing="ij")
-        index = torch.stack([ii, jj, kk, torch.ones_like(ii)], dim=-1)
-        m = torch.as_tensor(self.index_to_physical, dtype=torch.float64, device=device)
-        return (index @ m.T)[..., :3].to(dtype)
+def _index_to_normalized(grid: Grid) -> np.ndarray:
+    """4x4: index -> normalised grid_sample coordinate, per axis."""
+    n = np.array(grid.shape[::-1], dtype=np.float64)  # (I, J, K)
+    scale = np.where(n > 1, 2.0 / np.maximum(n - 1, 1), 0.0)  # one-voxel axis: always its centre
+    m = np.eye(4)
+    m[:3, :3] = np.diag(scale)
+    m[:3, 3] = np.where(n > 1, -1.0, 0.0)
+    return m
 
 
 def _as_batch(x: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -122,7 +67,7 @@ def sample(
     pts = points.reshape(points.shape[0], -1, 1, 1, 3)
     to_index = torch.as_tensor(np.linalg.inv(grid.index_to_physical), dtype=pts.dtype, device=pts.device)
     index = pts @ to_index[:3, :3].T + to_index[:3, 3]
-    to_norm = torch.as_tensor(grid._index_to_normalized(), dtype=pts.dtype, device=pts.device)
+    to_norm = torch.as_tensor(_index_to_normalized(grid), dtype=pts.dtype, device=pts.device)
     norm = index * to_norm.diagonal()[:3] + to_norm[:3, 3]
     dtype = image.dtype if image.is_floating_point() else torch.float32
     out = F.grid_sample(

@@ -349,3 +349,12 @@ def test_bridge_imports_without_slicer_and_backend_never_imports_slicer():
         )
     ]
     assert offenders == []
+
+
+def test_bridge_loads_without_torch():
+    """The module panels must appear in a Slicer without torch: the bridge never imports it."""
+    import subprocess
+    import sys
+
+    code = "import sys, priorreg.slicer; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..volume import Volume
-from .geometry import flip_lps_ras, geometry_from_ijk_to_ras, ijk_to_ras, index_to_lps, voxel_points
+from ..grid import Grid
+from .geometry import flip_lps_ras, geometry_from_ijk_to_ras, ijk_to_ras
 from .scene import resolve_scene, temporary_nodes
 from .volumes import require_untransformed
 
@@ -47,7 +48,7 @@ def transform_node_from_field(field: Volume, name: str, scene=None, fixed_node=N
     grid.SetSpacing(*field.spacing)
     grid.SetOrigin(*flip_lps_ras(field.origin))
     grid.GetPointData().SetScalars(numpy_support.numpy_to_vtk(vectors, deep=1, array_type=vtk.VTK_DOUBLE))
-    direction = ijk_to_ras(np.ones(3), np.zeros(3), field.direction)  # the grid's axes in RAS
+    direction = ijk_to_ras(Grid(field.shape, np.ones(3), np.zeros(3), field.direction))  # grid axes in RAS
     transform = slicer.vtkOrientedGridTransform()
     transform.SetDisplacementGridData(grid)
     transform.SetGridDirectionMatrix(vtkMatrixFromArray(direction))
@@ -62,8 +63,8 @@ def transform_node_from_field(field: Volume, name: str, scene=None, fixed_node=N
         return keep(node)
 
 
-def _reference_geometry(reference):
-    """`(shape, spacing, origin, direction)` in LPS of a volume node, a `Volume` or a `Grid`."""
+def _reference_grid(reference) -> Grid:
+    """The LPS grid of a volume node, a `Volume` or a `Grid`."""
     if hasattr(reference, "GetIJKToRASMatrix"):
         import vtk
         from slicer.util import arrayFromVTKMatrix
@@ -73,8 +74,9 @@ def _reference_geometry(reference):
             raise ValueError(f"reference volume node '{reference.GetName()}' has no voxels")
         matrix = vtk.vtkMatrix4x4()
         reference.GetIJKToRASMatrix(matrix)
-        return (reference.GetImageData().GetDimensions()[::-1], *geometry_from_ijk_to_ras(arrayFromVTKMatrix(matrix)))
-    return tuple(reference.shape), reference.spacing, reference.origin, reference.direction
+        shape = reference.GetImageData().GetDimensions()[::-1]
+        return Grid(tuple(shape), *geometry_from_ijk_to_ras(arrayFromVTKMatrix(matrix)))
+    return Grid.of(reference)
 
 
 def field_from_transform_node(node, reference) -> Volume:
@@ -91,8 +93,8 @@ def field_from_transform_node(node, reference) -> Volume:
 
     if node is None or not node.IsA("vtkMRMLTransformNode"):
         raise ValueError(f"expected a transform node, got {'None' if node is None else node.GetClassName()}")
-    shape, spacing, origin, direction = _reference_geometry(reference)
-    points = voxel_points(shape, index_to_lps(spacing, origin, direction)).reshape(-1, 3)
+    grid = _reference_grid(reference)
+    points = grid.physical_points().reshape(-1, 3)
 
     from_world = vtk.vtkGeneralTransform()
     node.GetTransformFromWorld(from_world)
@@ -102,5 +104,5 @@ def field_from_transform_node(node, reference) -> Volume:
     moved.SetDataTypeToDouble()  # vtkPoints default to float32: millimetres would lose ~1e-5 relative
     from_world.TransformPoints(fixed, moved)
     u = flip_lps_ras(numpy_support.vtk_to_numpy(moved.GetData())) - points
-    array = np.ascontiguousarray(np.moveaxis(u.reshape(*shape, 3), -1, 0))
-    return Volume(array, spacing, origin, direction, source=f"transform node '{node.GetName()}'")
+    array = np.ascontiguousarray(np.moveaxis(u.reshape(*grid.shape, 3), -1, 0))
+    return Volume(array, grid.spacing, grid.origin, grid.direction, source=f"transform node '{node.GetName()}'")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..volume import Volume
+from ..grid import Grid
 from .geometry import geometry_from_ijk_to_ras, ijk_to_ras
 from .scene import resolve_scene, temporary_nodes
 
@@ -116,7 +117,7 @@ def node_from_volume(
         image = vtk.vtkImageData()
         image.SetDimensions(*array.shape[::-1])
         image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=1))
-        node.SetIJKToRASMatrix(vtkMatrixFromArray(ijk_to_ras(volume.spacing, volume.origin, volume.direction)))
+        node.SetIJKToRASMatrix(vtkMatrixFromArray(ijk_to_ras(Grid.of(volume))))
         node.SetAndObserveImageData(image)
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
