@@ -10,28 +10,48 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .spatial import Grid
 
 
-def _separable(x: torch.Tensor, kernels: list[torch.Tensor | None], padding: str = "replicate") -> torch.Tensor:
-    """Convolve each spatial axis (k, j, i) with its 1D kernel, channel-wise.
+def _axis_matrix(kernel: torch.Tensor, n: int, padding: str) -> torch.Tensor:
+    """`[n, n]` matrix of a centred 1D convolution on `n` samples, padding folded in.
 
-    `padding` is "replicate" (images: no dark rim) or "constant" (labels: outside is background).
+    Row `o` holds the kernel's weights on the samples it reaches from `o`; taps
+    beyond the edge go to the edge sample ("replicate") or nowhere ("constant").
     """
-    b, c = x.shape[:2]
-    y = x.reshape(b * c, 1, *x.shape[2:])
+    r = kernel.numel() // 2
+    rows = torch.arange(n).repeat_interleave(kernel.numel())
+    cols = torch.arange(n)[:, None] + torch.arange(-r, r + 1)[None, :]
+    weights = kernel.repeat(n)
+    cols = cols.reshape(-1)
+    if padding == "replicate":
+        cols = cols.clamp(0, n - 1)
+    elif padding == "constant":
+        inside = (cols >= 0) & (cols < n)
+        rows, cols, weights = rows[inside], cols[inside], weights[inside]
+    else:
+        raise ValueError(f"padding must be 'replicate' or 'constant', got {padding!r}")
+    m = torch.zeros(n, n, dtype=kernel.dtype)
+    m.index_put_((rows, cols), weights, accumulate=True)
+    return m
+
+
+def _separable(x: torch.Tensor, kernels: list[torch.Tensor | None], padding: str = "replicate") -> torch.Tensor:
+    """Convolve each spatial axis (k, j, i) of `[B, C, K, J, I]` with its 1D kernel, channel-wise.
+
+    `padding` is "replicate" (images: no dark rim) or "constant" (labels: outside
+    is background). Each axis is one product with an `[n, n]` matrix: exact, and
+    on the CPU far faster than `conv3d` with the long kernels of large sigmas
+    (seed 000's 32 mm Dice scale is a 129-tap kernel at 1.5 mm spacing).
+    """
     for axis, kernel in enumerate(kernels):
         if kernel is None:
             continue
-        n = kernel.numel()
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = n
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = n // 2
-        y = F.conv3d(F.pad(y, pad, mode=padding), kernel.reshape(shape).to(y))
-    return y.reshape(b, c, *y.shape[2:])
+        dim = 2 + axis
+        m = _axis_matrix(kernel, x.shape[dim], padding).to(x)
+        x = torch.movedim(torch.movedim(x, dim, -1) @ m.T, -1, dim)
+    return x
 
 
 def gaussian_kernel(sigma_voxels: float, truncate: float = 3.0) -> torch.Tensor | None:
