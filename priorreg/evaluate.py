@@ -107,8 +107,19 @@ def evaluate_task(
     seed: int = 0,
     options: dict | None = None,
     on_pair: Callable[[int, int, dict], None] | None = None,
+    registrar: Callable[[Volume, Volume], Volume] | None = None,
 ) -> dict:
-    """Register every pair of `task` (or a seeded sample of `n_pairs`) and score it."""
+    """Register every pair of `task` (or a seeded sample of `n_pairs`) and score it.
+
+    `registrar(fixed, moving) -> field` replaces PriorReg's own `method` (the
+    benchmarks pass peers such as ANTs or elastix through here, so every tool
+    is scored by the same code on the same pairs).
+    """
+    if registrar is None:
+
+        def registrar(fixed, moving):
+            return register(fixed, moving, method=method, **(options or {})).field
+
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
     loader, intensity = TASKS[task]
@@ -121,10 +132,10 @@ def evaluate_task(
     for index, pair in enumerate(pairs):
         v = pair.load()
         start = time.perf_counter()
-        result = register(v.fixed, v.moving, method=method, **(options or {}))
+        field = registrar(v.fixed, v.moving)
         seconds = time.perf_counter() - start
         row = {"id": pair.id, "fixed": pair.fixed.name, "moving": pair.moving.name, "seconds": seconds}
-        row.update(pair_metrics(result.field, v.fixed, v.moving, v.fixed_labels, v.moving_labels, intensity))
+        row.update(pair_metrics(field, v.fixed, v.moving, v.fixed_labels, v.moving_labels, intensity))
         results.append(row)
         if on_pair is not None:
             on_pair(index, len(pairs), row)

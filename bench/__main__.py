@@ -1,0 +1,127 @@
+"""`python -m bench run --suite accuracy --data-root PATH --out DIR`: every method and peer, same pairs.
+
+Writes `DIR/<task>.json` (ARCHITECTURE.md's evaluation format, one entry per
+method), `DIR/results.md` (the tables the README quotes) and `DIR/<task>.png`
+(box plots per method). Peers whose package is missing are listed as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from priorreg.evaluate import evaluate_task, versions
+from priorreg.methods import METHODS
+
+from .peers import PEERS, THREADS, available
+
+# Suites: task -> seeded pair count by default. MR-US uses the patient-level test split.
+ACCURACY = {"hippocampus": {"pairs": 10, "split": "all"}, "mrus_prostate": {"pairs": 10, "split": "test"}}
+# Per-task options for PriorReg's methods (MR and TRUS headers are in unrelated frames).
+OPTIONS = {"mrus_prostate": {"iterative": {"init": "centres"}}}
+COLUMNS = {
+    "hippocampus": ["dice_mean", "dice30", "hd95_mm", "sdlogj", "folding_pct", "seconds_per_pair"],
+    "mrus_prostate": ["tre_median_mm", "tre_iqr_low_mm", "tre_iqr_high_mm", "dice_mean", "folding_pct", "seconds_per_pair"],
+}
+
+
+def run_task(task: str, methods: list[str], peers: list[str], root, n_pairs: int, split: str, seed: int) -> dict:
+    """Every method on the same seeded pairs of one task; the report is a dict per method."""
+    reports: dict[str, dict] = {}
+    for name in methods + peers:
+        if name in PEERS and not available(name):
+            reports[name] = {"missing": f"peer {name!r} is not installed (pip install .[bench])"}
+            print(f"{task}: {name} missing", file=sys.stderr)
+            continue
+        options = {"device": "cpu", **OPTIONS.get(task, {}).get(name, {})} if name in METHODS and name != "identity" else {}
+        registrar = PEERS[name][1] if name in PEERS else None
+        start = time.perf_counter()
+        reports[name] = evaluate_task(task, name, root, n_pairs, split, seed, options, registrar=registrar)
+        print(f"{task}: {name} done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return reports
+
+
+def markdown(task: str, reports: dict[str, dict]) -> str:
+    """One table per task; seconds also as a ratio to the fastest method measured in this run."""
+    cols = COLUMNS[task]
+    timed = [r["summary"]["seconds_per_pair"] for r in reports.values() if "summary" in r]
+    fastest = min(t for t in timed if t > 0) if timed else 1.0
+    lines = [f"### {task}", "", "| method | n | " + " | ".join(cols) + " | time vs fastest |", "|---" * (len(cols) + 3) + "|"]
+    for name, r in reports.items():
+        if "missing" in r:
+            lines.append(f"| {name} | missing: {r['missing']} |" + " |" * (len(cols) + 1))
+            continue
+        s = r["summary"]
+        cells = [f"{s[c]:.3g}" if c in s else "" for c in cols]
+        lines.append(f"| {name} | {s['n_pairs']} | " + " | ".join(cells) + f" | {s['seconds_per_pair'] / fastest:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(task: str, reports: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label = ("tre_mm", "landmark TRE (mm)") if task == "mrus_prostate" else ("dice_mean", "mean Dice")
+    names, values = [], []
+    for name, r in reports.items():
+        if "pairs" in r:
+            v = [x for p in r["pairs"] for x in (p[key] if isinstance(p.get(key), list) else [p.get(key)]) if x is not None]
+            names.append(name)
+            values.append([x for x in v if np.isfinite(x)])
+    fig, ax = plt.subplots(figsize=(1.4 * max(len(names), 3), 4))
+    ax.boxplot(values)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    ax.set_ylabel(label)
+    ax.set_title(task)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--suite", default="accuracy", choices=["accuracy"])
+    r.add_argument("--data-root")
+    r.add_argument("--out", required=True)
+    r.add_argument("--tasks", nargs="+", default=list(ACCURACY), choices=list(ACCURACY))
+    r.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
+    r.add_argument("--peers", nargs="*", default=sorted(PEERS), choices=sorted(PEERS))
+    r.add_argument("--pairs", type=int, help="pairs per task (default: the suite's)")
+    r.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"Run {time.strftime('%Y-%m-%d')} on {platform.machine()} ({os.cpu_count()} cores, {THREADS} threads), "
+        f"{', '.join(f'{k} {v}' for k, v in versions().items())}.\n"
+        f"Command: `python -m bench run --suite {args.suite} --tasks {' '.join(args.tasks)}"
+        + (f" --pairs {args.pairs}" if args.pairs else "")
+        + "`\n\n"
+    )
+    tables = []
+    for task in args.tasks:
+        suite = ACCURACY[task]
+        reports = run_task(task, args.methods, args.peers, args.data_root, args.pairs or suite["pairs"], suite["split"], args.seed)
+        (out / f"{task}.json").write_text(json.dumps(reports, indent=1, default=float) + "\n")
+        plot(task, reports, out / f"{task}.png")
+        tables.append(markdown(task, reports))
+    (out / "results.md").write_text(header + "\n".join(tables))
+    print(header + "\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

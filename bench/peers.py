@@ -1,0 +1,90 @@
+"""Peers as `registrar(fixed, moving) -> field` callables, fields in PriorReg's convention.
+
+Each peer's output transform is turned into a displacement field on the fixed
+grid (LPS mm, fixed point -> moving point), which is exactly what ITK-based
+tools compute when asked for the deformation field of their forward (resampling)
+transform, so every tool is scored by the same `priorreg.evaluate` code.
+A peer whose package is missing is reported as missing, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from priorreg import Volume
+
+THREADS = int(os.environ.get("PRIORREG_BENCH_THREADS", "2"))
+
+
+def _ants_syn(fixed: Volume, moving: Volume) -> Volume:
+    """ANTsPy affine + SyN (mutual information for the affine, the defaults of `ants.registration`)."""
+    import ants
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(THREADS)
+    with tempfile.TemporaryDirectory() as tmp:
+        f_path, m_path = Path(tmp, "f.nii.gz"), Path(tmp, "m.nii.gz")
+        Volume(fixed.array.astype(np.float32), fixed.spacing, fixed.origin, fixed.direction).write(f_path)
+        Volume(moving.array.astype(np.float32), moving.spacing, moving.origin, moving.direction).write(m_path)
+        f, m = ants.image_read(str(f_path)), ants.image_read(str(m_path))
+        reg = ants.registration(f, m, type_of_transform="SyN", outprefix=str(Path(tmp, "reg_")))
+        composed = ants.apply_transforms(f, m, transformlist=reg["fwdtransforms"], compose=str(Path(tmp, "u_")))
+        return _field_from_file(composed)
+
+
+def _elastix_bspline(fixed: Volume, moving: Volume) -> Volume:
+    """elastix affine + B-spline with Mattes mutual information (works across modalities)."""
+    import itk
+
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(THREADS)
+    with tempfile.TemporaryDirectory() as tmp:
+        f_path, m_path = Path(tmp, "f.nii.gz"), Path(tmp, "m.nii.gz")
+        Volume(fixed.array.astype(np.float32), fixed.spacing, fixed.origin, fixed.direction).write(f_path)
+        Volume(moving.array.astype(np.float32), moving.spacing, moving.origin, moving.direction).write(m_path)
+        f = itk.imread(str(f_path), itk.F)
+        m = itk.imread(str(m_path), itk.F)
+        params = itk.ParameterObject.New()
+        params.AddParameterMap(params.GetDefaultParameterMap("affine"))
+        params.AddParameterMap(params.GetDefaultParameterMap("bspline"))
+        _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
+        field = itk.transformix_deformation_field(m, result)
+        field.SetOrigin(f.GetOrigin())
+        field.SetSpacing(f.GetSpacing())
+        field.SetDirection(f.GetDirection())
+        path = Path(tmp, "u.nii.gz")
+        itk.imwrite(field, str(path))
+        return _field_from_file(path)
+
+
+def _field_from_file(path) -> Volume:
+    image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkVectorFloat64)
+    return Volume.from_sitk(image, source=str(path))
+
+
+# name -> (python module that must be importable, registrar)
+PEERS: dict[str, tuple[str, Callable[[Volume, Volume], Volume]]] = {
+    "ants_syn": ("ants", _ants_syn),
+    "elastix_bspline": ("itk", _elastix_bspline),
+}
+
+
+def available(name: str) -> bool:
+    module, _ = PEERS[name]
+    if importlib.util.find_spec(module) is None:
+        return False
+    return module != "itk" or importlib.util.find_spec("itk_elastix") is not None or _has_elastix()
+
+
+def _has_elastix() -> bool:
+    try:
+        import itk
+
+        return hasattr(itk, "elastix_registration_method")
+    except ImportError:
+        return False
