@@ -53,7 +53,7 @@ def _elastix_bspline(fixed: Volume, moving: Volume) -> Volume:
         params.AddParameterMap(params.GetDefaultParameterMap("affine"))
         params.AddParameterMap(params.GetDefaultParameterMap("bspline"))
         _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
-        field = itk.transformix_deformation_field(m, result)
+        field = itk.transformix_deformation_field(m, result, output_directory=tmp)  # not the cwd
         field.SetOrigin(f.GetOrigin())
         field.SetSpacing(f.GetSpacing())
         field.SetDirection(f.GetDirection())
