@@ -74,8 +74,10 @@ def cmd_register(args) -> int:
     fixed_labels = Volume.read(fixed_labels_path) if fixed_labels_path else None
     moving_labels = Volume.read(moving_labels_path) if moving_labels_path else None
     options = {}
-    if args.method == "iterative":
-        options = dict(similarity=args.similarity, init=args.init, device=args.device)
+    if args.method in ("iterative", "dip"):
+        options = dict(init=args.init, device=args.device)
+        if args.similarity:  # each method has its own default
+            options["similarity"] = args.similarity
         if args.label_channels is not None:
             options.update(
                 fixed_labels=_select_channels(fixed_labels, args.label_channels),
@@ -137,7 +139,7 @@ def cmd_evaluate(args) -> int:
         shown = {k: round(v, 3) for k, v in row.items() if isinstance(v, float) and k != "seconds"}
         print(f"[{index + 1}/{total}] {row['id']}: {shown}", file=sys.stderr)
 
-    options = {"device": args.device} if args.method == "iterative" else {}
+    options = {"device": args.device} if args.method in ("iterative", "dip") else {}
     report = evaluate_task(
         args.task, args.method, args.data_root, args.pairs, args.split, args.seed, options, on_pair
     )
@@ -158,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--moving-labels")
     r.add_argument("--sample", choices=sorted({e["name"] for e in data.SAMPLES}), help="register a sample pair")
     r.add_argument("--method", default="iterative", choices=sorted(METHODS))
-    r.add_argument("--similarity", default="lncc", choices=["lncc", "mse", "local_gradient"])
+    r.add_argument(
+        "--similarity", choices=["lncc", "mse", "local_gradient", "mae"], help="default: lncc for iterative, mae for dip (the paper's)"
+    )
     r.add_argument("--init", default="geometry", choices=["geometry", "centres"])
     r.add_argument("--label-channels", type=int, nargs="+", help="label channels that drive the registration, e.g. 0 (gland)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__, data, metrics
 from .jacobian import jacobian_stats
+from .methods.common import normalise_intensity
 from .registration import register
 from .spatial import Grid, resample
 from .volume import Volume
@@ -47,9 +48,13 @@ def pair_metrics(
     grid = Grid.of(fixed)
     out = {k: float(v) for k, v in jacobian_stats(field).items()}
     if intensity:
-        warped = resample(moving, grid, field, mode="linear").array.astype(np.float64)
-        out["ssim"] = metrics.ssim(fixed.array.astype(np.float64), warped)
-        out["rmse"] = metrics.rmse(fixed.array.astype(np.float64), warped)
+        # Subjects come with unrelated raw scales (hippocampus crops span 1e2 to 1e5): compare
+        # intensities after the methods' robust [0, 1] scaling, so SSIM and RMSE mean the same everywhere.
+        scaled = moving.with_array(normalise_intensity(moving.array))
+        warped = resample(scaled, grid, field, mode="linear").array.astype(np.float64)
+        reference = normalise_intensity(fixed.array).astype(np.float64)
+        out["ssim"] = metrics.ssim(reference, warped, data_range=1.0)
+        out["rmse"] = metrics.rmse(reference, warped)
     if fixed_labels is None or moving_labels is None:
         return out
     if fixed_labels.array.ndim == 4:  # MR-US: gland + landmarks

@@ -8,8 +8,12 @@ one place where index <-> LPS mm is defined.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .volume import Volume
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ options a method does not use are ignored by the baselines and rejected by the o
 """
 
 from .baselines import register_centres, register_identity
+from .dip import register_dip
 from .iterative import register_iterative
 
-METHODS = {"identity": register_identity, "centres": register_centres, "iterative": register_iterative}
+METHODS = {"identity": register_identity, "centres": register_centres, "iterative": register_iterative, "dip": register_dip}

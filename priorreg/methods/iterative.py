@@ -10,60 +10,13 @@ the affine `A` (as in seed 000's composition of local and global parts).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .. import losses, regularizers
-from ..filters import gaussian_smooth_mm
 from ..registration import Monitor, RegistrationResult
-from ..spatial import Grid, affine_to_field, compose, field_volume, integrate_svf, resample, sample, warp
+from ..spatial import Grid, affine_to_field, compose, field_volume, integrate_svf, resample, sample
 from ..volume import Volume
-
-SIMILARITIES = ("lncc", "mse", "local_gradient")
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use 'cpu' or 'auto'")
-    return torch.device(device)
-
-
-def normalise_intensity(array: np.ndarray) -> np.ndarray:
-    """Robust [0, 1] scaling (1st to 99th percentile), so losses see comparable ranges."""
-    a = array.astype(np.float32)
-    lo, hi = np.percentile(a, [1, 99])
-    return np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
-
-
-def initial_translation(fixed: Grid, moving: Grid, init: str) -> np.ndarray:
-    """`geometry`: trust the headers (zero); `centres`: move the fixed FOV centre onto the moving one."""
-    if init == "geometry":
-        return np.zeros(3)
-    if init == "centres":
-        return moving.center - fixed.center
-    raise ValueError(f"init must be 'geometry' or 'centres', got {init!r}")
-
-
-def _label_channels(labels: Volume) -> np.ndarray:
-    """One-hot channels of an integer label map (background dropped), or thresholded 4D channels."""
-    a = labels.array
-    if a.ndim == 4:
-        return (a > 0.5).astype(np.float32)
-    values = [v for v in np.unique(a) if v != 0]
-    return np.stack([(a == v) for v in values]).astype(np.float32)
-
-
-def _similarity(name: str, fixed: torch.Tensor, warped: torch.Tensor, grid: Grid) -> torch.Tensor:
-    if name == "lncc":
-        return losses.lncc(fixed, warped)
-    if name == "mse":
-        return losses.mse(fixed, warped)
-    if name == "local_gradient":
-        return losses.local_gradient(fixed, warped, grid)
-    raise ValueError(f"similarity must be one of {SIMILARITIES}, got {name!r}")
-
+from .common import PairData, initial_translation, pick_device
 
 def register_iterative(
     fixed: Volume,
@@ -73,6 +26,7 @@ def register_iterative(
     similarity: str = "lncc",
     init: str = "geometry",
     affine_steps: int = 100,
+    affine_level: float = 2,
     levels: tuple = (4, 2, 1),
     steps: tuple = (120, 80, 40),
     smooth_weight: float = 0.5,
@@ -91,44 +45,21 @@ def register_iterative(
     or 4D channels; never pass evaluation landmarks here. `image_weight` 0 gives a
     purely label-driven registration (the MR-US "oracle" of the project guide).
     """
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if len(levels) != len(steps):
         raise ValueError("levels and steps must have the same length")
-    if (fixed_labels is None) != (moving_labels is None):
-        raise ValueError("give both fixed and moving labels, or neither")
     torch.manual_seed(seed)
     dev = pick_device(device)
-    fgrid, mgrid = Grid.of(fixed), Grid.of(moving)
-    f_img = torch.as_tensor(normalise_intensity(fixed.array), device=dev)[None, None]
-    m_img = torch.as_tensor(normalise_intensity(moving.array), device=dev)[None, None]
-    use_labels = fixed_labels is not None and label_weight > 0
-    if use_labels:
-        f_lab = torch.as_tensor(_label_channels(fixed_labels), device=dev)[None]
-        m_lab = torch.as_tensor(_label_channels(moving_labels), device=dev)[None]
-        if f_lab.shape[1] != m_lab.shape[1]:
-            raise ValueError(f"fixed and moving labels differ in count ({f_lab.shape[1]} vs {m_lab.shape[1]})")
+    pair = PairData(
+        fixed, moving, fixed_labels, moving_labels, similarity, dev, image_weight, label_weight, label_sigmas_mm
+    )
+    fgrid, mgrid = pair.fgrid, pair.mgrid
     monitor = Monitor(affine_steps + sum(steps), progress, cancel)
     center = torch.as_tensor(fgrid.center, dtype=torch.float32, device=dev)
 
-    def level_images(grid: Grid, factor: float):
-        sigma = 0.5 * factor * float(np.min(fgrid.spacing)) if factor > 1 else 0.0
-        pts = grid.points(device=dev)[None]
-        f = sample(gaussian_smooth_mm(f_img, fgrid, sigma), fgrid, pts)
-        m = gaussian_smooth_mm(m_img, mgrid, sigma)
-        fl = sample(f_lab, fgrid, pts) if use_labels else None
-        return f, m, fl
-
-    def loss_of(u, grid, f, m, fl):
-        warped = warp(m, u, grid, mgrid)
-        loss = image_weight * _similarity(similarity, f, warped, grid)
-        if use_labels:
-            loss = loss + label_weight * losses.multiscale_dice(warp(m_lab, u, grid, mgrid), fl, grid, label_sigmas_mm)
-        return loss
-
-    # Affine stage, at the coarsest level: A = I + d, t = t0 + dt.
-    coarse = fgrid.scaled(levels[0])
-    f, m, fl = level_images(coarse, levels[0])
+    # Affine stage: A = I + d, t = t0 + dt, at `affine_level` (LNCC's 7-voxel window needs
+    # enough voxels: at 1/4 a 26-slice hippocampus crop lets the affine drift off the anatomy).
+    coarse = fgrid.scaled(affine_level)
+    images = pair.level(coarse, affine_level)
     t0 = torch.as_tensor(initial_translation(fgrid, mgrid, init), dtype=torch.float32, device=dev)
     d = torch.zeros(3, 3, device=dev, requires_grad=True)
     t = torch.zeros(3, device=dev, requires_grad=True)
@@ -140,7 +71,7 @@ def register_iterative(
 
     for _ in range(affine_steps):
         opt.zero_grad()
-        loss = loss_of(affine_field(coarse), coarse, f, m, fl)
+        loss = pair.loss(affine_field(coarse), coarse, images)
         loss.backward()
         opt.step()
         monitor.tick("affine", loss.item())
@@ -152,7 +83,7 @@ def register_iterative(
     prev = None
     for factor, n in zip(levels, steps):
         grid = fgrid.scaled(factor)
-        f, m, fl = level_images(grid, factor)
+        images = pair.level(grid, factor)
         a_field = affine_field(grid)
         pts = grid.points(device=dev)[None]
         init_v = torch.zeros(1, 3, *grid.shape, device=dev) if v is None else sample(v, prev, pts, padding="border")
@@ -161,7 +92,7 @@ def register_iterative(
         for _ in range(n):
             opt.zero_grad()
             u = compose(integrate_svf(v, grid), a_field, grid)
-            loss = loss_of(u, grid, f, m, fl) + smooth_weight * regularizers.gradient_l2(v, grid)
+            loss = pair.loss(u, grid, images) + smooth_weight * regularizers.gradient_l2(v, grid)
             loss.backward()
             opt.step()
             monitor.tick(f"deformable 1/{factor}", loss.item())
