@@ -24,9 +24,10 @@ from priorreg.methods import METHODS
 from .peers import PEERS, THREADS, available
 
 # Suites: task -> seeded pair count by default. MR-US uses the patient-level test split.
-ACCURACY = {"hippocampus": {"pairs": 10, "split": "all"}, "mrus_prostate": {"pairs": 10, "split": "test"}}
+# Sized for one 2-core CPU run of every method and peer in about half an hour; raise with --pairs.
+ACCURACY = {"hippocampus": {"pairs": 8, "split": "all"}, "mrus_prostate": {"pairs": 5, "split": "test"}}
 # Per-task options for PriorReg's methods (MR and TRUS headers are in unrelated frames).
-OPTIONS = {"mrus_prostate": {"iterative": {"init": "centres"}}}
+OPTIONS = {"mrus_prostate": {"iterative": {"init": "centres"}, "dip": {"init": "centres", "similarity": "lncc"}}}
 COLUMNS = {
     "hippocampus": ["dice_mean", "dice30", "hd95_mm", "sdlogj", "folding_pct", "seconds_per_pair"],
     "mrus_prostate": ["tre_median_mm", "tre_iqr_low_mm", "tre_iqr_high_mm", "dice_mean", "folding_pct", "seconds_per_pair"],
