@@ -32,10 +32,6 @@ TASKS: dict[str, tuple[Callable, bool]] = {
 }
 
 
-def _binary(volume: Volume, channel: int) -> Volume:
-    return volume.with_array((volume.array[channel] >= 0.5).astype(np.uint8))
-
-
 def pair_metrics(
     field: Volume,
     fixed: Volume,
@@ -58,8 +54,8 @@ def pair_metrics(
     if fixed_labels is None or moving_labels is None:
         return out
     if fixed_labels.array.ndim == 4:  # MR-US: gland + landmarks
-        fixed_gland = _binary(fixed_labels, 0)
-        warped_gland = resample(_binary(moving_labels, 0), grid, field)
+        fixed_gland = data.binary_channels(fixed_labels).channel(0)
+        warped_gland = resample(data.binary_channels(moving_labels).channel(0), grid, field)
         out["dice_mean"] = metrics.dice(fixed_gland, warped_gland, labels=[1])[1]
         out["hd95_mm"] = metrics.hd95(fixed_gland, warped_gland)
         tre = metrics.landmark_tre(field, fixed_labels, moving_labels)

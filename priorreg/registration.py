@@ -46,6 +46,16 @@ class RegistrationResult:
     warped_labels: Volume | None = None
     history: list[dict] = dc_field(default_factory=list)
 
+    @classmethod
+    def from_field(
+        cls, field: Volume, moving: Volume, method: str, seconds: float, moving_labels: Volume | None = None, history=None
+    ) -> "RegistrationResult":
+        """The result of a field: the moving image (and labels, when given) resampled through it."""
+        from .spatial import resample
+
+        warped_labels = resample(moving_labels, field, field) if moving_labels is not None else None
+        return cls(field, resample(moving, field, field), method, seconds, warped_labels, history or [])
+
 
 class Monitor:
     """Times a run, forwards progress, and raises `Cancelled` when asked: one per registration."""

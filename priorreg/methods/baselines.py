@@ -13,14 +13,14 @@ import numpy as np
 import torch
 
 from ..registration import RegistrationResult
-from ..spatial import Grid, affine_to_field, field_volume, resample
+from ..spatial import Grid, affine_to_field, field_volume
 from ..volume import Volume
 
 
 def _translation_result(fixed: Volume, moving: Volume, t: np.ndarray, name: str, start: float):
     grid = Grid.of(fixed)
     field = field_volume(affine_to_field(torch.as_tensor(np.c_[np.eye(3), t]), grid), grid)
-    return RegistrationResult(field, resample(moving, grid, field), name, time.perf_counter() - start)
+    return RegistrationResult.from_field(field, moving, name, time.perf_counter() - start)
 
 
 def register_identity(fixed: Volume, moving: Volume, **_) -> RegistrationResult:

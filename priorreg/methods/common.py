@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import losses
+from ..data import binary_channels
 from ..filters import gaussian_smooth_mm
 from ..spatial import Grid, sample, warp
 from ..volume import Volume
@@ -42,10 +43,10 @@ def initial_translation(fixed: Grid, moving: Grid, init: str) -> np.ndarray:
 
 
 def label_channels(labels: Volume) -> np.ndarray:
-    """One-hot channels of an integer label map (background dropped), or thresholded 4D channels."""
+    """One-hot channels of an integer label map (background dropped), or 4D channels at `>= 0.5`."""
+    if labels.array.ndim == 4:
+        return binary_channels(labels).array.astype(np.float32)
     a = labels.array
-    if a.ndim == 4:
-        return (a > 0.5).astype(np.float32)
     values = [v for v in np.unique(a) if v != 0]
     return np.stack([(a == v) for v in values]).astype(np.float32)
 

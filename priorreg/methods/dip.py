@@ -46,7 +46,7 @@ import torch
 from .. import losses, regularizers
 from ..nets.unet import UNet3D
 from ..registration import Monitor, RegistrationResult
-from ..spatial import Grid, field_volume, resample, sample
+from ..spatial import Grid, field_volume, sample
 from ..volume import Volume
 from .common import PairData, initial_translation, pick_device
 
@@ -162,7 +162,6 @@ def register_dip(
     with torch.no_grad():
         if not prev.matches(fgrid):
             u = sample(u, prev, fgrid.points(device=dev)[None], padding="border")
-    field = field_volume(u, fgrid)
-    warped = resample(moving, fgrid, field)
-    warped_labels = resample(moving_labels, fgrid, field) if moving_labels is not None else None
-    return RegistrationResult(field, warped, "dip", monitor.elapsed, warped_labels, monitor.history)
+    return RegistrationResult.from_field(
+        field_volume(u, fgrid), moving, "dip", monitor.elapsed, moving_labels, monitor.history
+    )

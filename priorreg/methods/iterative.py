@@ -14,9 +14,10 @@ import torch
 
 from .. import losses, regularizers
 from ..registration import Monitor, RegistrationResult
-from ..spatial import Grid, affine_to_field, compose, field_volume, integrate_svf, resample, sample
+from ..spatial import Grid, affine_to_field, compose, field_volume, integrate_svf, sample
 from ..volume import Volume
 from .common import PairData, initial_translation, pick_device
+
 
 def register_iterative(
     fixed: Volume,
@@ -102,7 +103,6 @@ def register_iterative(
         if not prev.matches(fgrid):
             v = sample(v, prev, fgrid.points(device=dev)[None], padding="border")
         u = compose(integrate_svf(v, fgrid), affine_field(fgrid), fgrid)
-    field = field_volume(u, fgrid)
-    warped = resample(moving, fgrid, field)
-    warped_labels = resample(moving_labels, fgrid, field) if moving_labels is not None else None
-    return RegistrationResult(field, warped, "iterative", monitor.elapsed, warped_labels, monitor.history)
+    return RegistrationResult.from_field(
+        field_volume(u, fgrid), moving, "iterative", monitor.elapsed, moving_labels, monitor.history
+    )
