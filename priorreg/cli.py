@@ -1,4 +1,4 @@
-"""The `priorreg` command line: register, warp, evaluate-field, evaluate.
+"""The `priorreg` command line: register, warp, evaluate-field, evaluate, train.
 
 Every command reads and writes files through `Volume` (geometry kept), validates
 all inputs before writing anything, and reports errors as one line naming the
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 
 from . import data
@@ -24,7 +27,6 @@ from .volume import Volume, VolumeError
 
 def _progress_bar(total_desc: str):
     """A tqdm bar fed by a method's progress callback (the Slicer module uses the same callback)."""
-    from tqdm import tqdm
 
     bar = None
 
@@ -60,6 +62,15 @@ def _write_json(obj, path: str | None) -> None:
         print(text)
 
 
+def _method_options(args) -> dict:
+    """Options every learned or optimised method takes: the device, and the model file for networks."""
+    if args.method in ("iterative", "dip"):
+        return {"device": args.device}
+    if args.method == "adversarial":
+        return {"device": args.device, "model": args.model}
+    return {}
+
+
 def cmd_register(args) -> int:
     if args.sample:
         pair = data.sample_pair(args.sample, args.data_root)
@@ -73,9 +84,9 @@ def cmd_register(args) -> int:
     fixed, moving = Volume.read(fixed_path), Volume.read(moving_path)
     fixed_labels = Volume.read(fixed_labels_path) if fixed_labels_path else None
     moving_labels = Volume.read(moving_labels_path) if moving_labels_path else None
-    options = {}
+    options = _method_options(args)
     if args.method in ("iterative", "dip"):
-        options = dict(init=args.init, device=args.device)
+        options["init"] = args.init
         if args.similarity:  # each method has its own default
             options["similarity"] = args.similarity
         if args.label_channels is not None:
@@ -139,12 +150,43 @@ def cmd_evaluate(args) -> int:
         shown = {k: round(v, 3) for k, v in row.items() if isinstance(v, float) and k != "seconds"}
         print(f"[{index + 1}/{total}] {row['id']}: {shown}", file=sys.stderr)
 
-    options = {"device": args.device} if args.method in ("iterative", "dip") else {}
+    options = _method_options(args)
     report = evaluate_task(
         args.task, args.method, args.data_root, args.pairs, args.split, args.seed, options, on_pair
     )
     _write_json(report, args.json)
     print(json.dumps(report["summary"], indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import load_config, train
+
+    overrides = {"simulations": args.simulations} if args.simulations else {}
+    config = load_config(args.config, **overrides)
+    if args.data_root:
+        config["data"]["root"] = args.data_root
+    if int(os.environ.get("RANK", "0")) != 0:
+        train(config, args.out)
+        return 0
+    bar = tqdm(total=config["iterations"], desc=f"train {config['name']}", unit="it", file=sys.stderr)
+
+    def progress(row: dict, total: int) -> None:
+        bar.n = row["iteration"]
+        shown = {k: round(row[k], 3) for k in ("label", "regularizer", "discriminator", "val_tre_median_mm", "val_dice") if k in row}
+        bar.set_postfix(shown, refresh=True)
+        if "val_dice" in row:
+            bar.write(f"iteration {row['iteration']}: validation TRE median {row['val_tre_median_mm']:.2f} mm, Dice {row['val_dice']:.3f}")
+
+    try:
+        last = train(config, args.out, progress)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"priorreg train: interrupted; rerun the same command to resume from {Path(args.out) / 'checkpoint.safetensors'}", file=sys.stderr)
+        return 130
+    bar.close()
+    print(f"model: {Path(args.out) / (config['name'] + '.safetensors')} (card beside it); log: {Path(args.out) / 'log.csv'}")
+    print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}))
     return 0
 
 
@@ -166,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", default="geometry", choices=["geometry", "centres"])
     r.add_argument("--label-channels", type=int, nargs="+", help="label channels that drive the registration, e.g. 0 (gland)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--model", default="adversarial_mrus", help="trained model name or .safetensors path (--method adversarial)")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=cmd_register)
 
@@ -194,8 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    v.add_argument("--model", default="adversarial_mrus", help="trained model name or .safetensors path (--method adversarial)")
     v.add_argument("--json", help="write the full report here")
     v.set_defaults(func=cmd_evaluate)
+
+    t = sub.add_parser("train", help="train a registration network from a YAML config (also under torchrun)")
+    t.add_argument("config", help="YAML config (keys: priorreg.train.DEFAULTS)")
+    t.add_argument("--out", required=True, help="output folder: checkpoint, log.csv, the model and its card; rerun to resume")
+    t.add_argument("--simulations", help="folder of simulated displacement fields (overrides the config)")
+    t.set_defaults(func=cmd_train)
     return p
 
 

@@ -4,8 +4,15 @@ Every method takes `(fixed, moving, **options)` Volumes and returns a `Registrat
 options a method does not use are ignored by the baselines and rejected by the others.
 """
 
+from .adversarial import register_adversarial
 from .baselines import register_centres, register_identity
 from .dip import register_dip
 from .iterative import register_iterative
 
-METHODS = {"identity": register_identity, "centres": register_centres, "iterative": register_iterative, "dip": register_dip}
+METHODS = {
+    "identity": register_identity,
+    "centres": register_centres,
+    "iterative": register_iterative,
+    "dip": register_dip,
+    "adversarial": register_adversarial,
+}

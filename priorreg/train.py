@@ -1,0 +1,399 @@
+"""`priorreg train CONFIG.yaml`: seeded, resumable, data-parallel training of the adversarial method.
+
+- The config is YAML over `DEFAULTS` (unknown keys are an error, not a silent default).
+- Reproducible: the networks are initialised from `seed`, and everything random in
+  iteration `t` (pairs, label channel, augmentation affines, simulated fields) is drawn
+  from a generator seeded with `(seed, t)`. A resumed run therefore continues exactly
+  as an uninterrupted one, and every process of a torchrun job draws the same global
+  batch and takes its own slice of it.
+- Checkpoints (`checkpoint.safetensors`: both networks and both Adam states) are written
+  atomically every `checkpoint_every` iterations; a killed run resumes from the last one
+  and truncates `log.csv` to it. TensorBoard scalars go to `tensorboard/` when the
+  `tensorboard` package is installed.
+- Data-parallel: under `torchrun --nproc_per_node N`, both networks are wrapped in
+  DistributedDataParallel (gloo on CPU, NCCL on CUDA); `batch_size` is the global batch
+  and must divide by N. Only rank 0 writes files.
+- The result is `<out>/<name>.safetensors` with its model card `<name>.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from . import data, losses
+from .evaluate import pair_metrics, summarise
+from .methods import adversarial as adv
+from .methods.common import pick_device
+from .models import load_checkpoint, save_checkpoint, save_model
+from .spatial import Grid, field_tensor, read_field, sample
+
+DEFAULTS: dict = {
+    "name": "adversarial_mrus",
+    "method": "adversarial",
+    "seed": 0,
+    "device": "auto",
+    "data": {
+        "root": None,  # shared data folder; default $PRIORREG_DATA or ../shared/data
+        "task": "mrus_prostate",
+        "val_fraction": 0.1,
+        "test_fraction": 0.2,
+        "split_seed": 0,
+        "labels": "gland",  # "gland" (the paper's M_n = 1) or "all" (gland and landmarks, one drawn per pair)
+        "init": "centres",
+        "limit": None,  # use only the first N training pairs (tests)
+    },
+    "frame": {"shape": [24, 32, 24], "spacing": 3.0, "margin": 8},
+    "network": {"n0": 8, "depth": 3},
+    "regularizer": "adversarial",  # adversarial | bending | l2 | none
+    "weight": None,  # lambda_adv (default 0.01) or the smoothness weight (default 0.5)
+    "simulations": None,  # folder of displacement-field images (priorreg simulate, NiftySim, FEBio, ...)
+    "gamma": [0.2, 0.05],  # distribution smoothing, annealed exponentially from the first to the second
+    "augment": {"matrix": 0.05, "shift_mm": 5.0},
+    "iterations": 2000,
+    "batch_size": 4,
+    "lr": 1e-4,
+    "checkpoint_every": 100,
+    "validate_every": 250,
+    "log_every": 10,
+}
+DEFAULT_WEIGHTS = {"adversarial": 0.01, "bending": 0.5, "l2": 0.5, "none": 0.0}
+FIELD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".h5")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be trained from; the message says which key and why."""
+
+
+def _merge(defaults: dict, given: dict, where: str = "") -> dict:
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise ConfigError(f"unknown config key '{where}{key}'; known: {', '.join(sorted(defaults))}")
+        out[key] = _merge(defaults[key], value, f"{where}{key}.") if isinstance(defaults[key], dict) else value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides) -> dict:
+    """DEFAULTS updated by the YAML file, then by `overrides` (top-level keys)."""
+    given = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    config = _merge(DEFAULTS, {**given, **overrides})
+    if config["regularizer"] not in adv.REGULARIZERS:
+        raise ConfigError(f"regularizer must be one of {adv.REGULARIZERS}, got {config['regularizer']!r}")
+    if config["weight"] is None:
+        config["weight"] = DEFAULT_WEIGHTS[config["regularizer"]]
+    if config["regularizer"] == "adversarial" and not config["simulations"]:
+        raise ConfigError("regularizer 'adversarial' needs 'simulations': a folder of displacement fields (priorreg simulate)")
+    if config["data"]["labels"] not in ("gland", "all"):
+        raise ConfigError(f"data.labels must be 'gland' or 'all', got {config['data']['labels']!r}")
+    if config["data"]["task"] != "mrus_prostate":
+        raise ConfigError(f"data.task {config['data']['task']!r}: this trainer knows 'mrus_prostate'")
+    return config
+
+
+# ----------------------------------------------------------------------------------------- data
+class TrainingSet:
+    """The training pairs in the model frame (tensors), and the validation pairs as Volumes."""
+
+    def __init__(self, config: dict, frame: adv.ModelFrame):
+        d = config["data"]
+        splits = data.split_by_patient(data.mrus_pairs(d["root"]), d["val_fraction"], d["test_fraction"], d["split_seed"])
+        train = splits["train"][: d["limit"]] if d["limit"] else splits["train"]
+        if not train:
+            raise ConfigError("no training pairs: check data.root and the split fractions")
+        self.groups = {name: sorted({g for p in pairs for g in p.groups}) for name, pairs in splits.items()}
+        self.train_ids = [p.id for p in train]
+        framed = []
+        for pair in train:
+            v = pair.load()
+            framed.append(adv.frame_pair(v.fixed, v.moving, frame, d["init"], v.fixed_labels, v.moving_labels))
+        self.fixed = torch.as_tensor(np.stack([f["fixed"] for f in framed]))
+        self.moving = torch.as_tensor(np.stack([f["moving"] for f in framed]))
+        self.fixed_labels = [torch.as_tensor(f["fixed_labels"]) for f in framed]
+        self.moving_labels = [torch.as_tensor(f["moving_labels"]) for f in framed]
+        self.val = splits["val"]
+
+    def __len__(self) -> int:
+        return len(self.train_ids)
+
+
+def load_simulations(folder, frame: adv.ModelFrame) -> torch.Tensor:
+    """Every displacement field in `folder` in model coordinates `[S, 3, K, J, I]` (mm).
+
+    Each field is framed like a fixed image: the model grid centred on the field's own
+    field of view, along its direction; vectors are rotated into the model axes.
+    """
+    files = sorted(p for p in Path(folder).iterdir() if p.name.endswith(FIELD_SUFFIXES))
+    if not files:
+        raise ConfigError(f"simulations: no displacement-field images ({', '.join(FIELD_SUFFIXES)}) in {folder}")
+    out = []
+    for path in files:
+        field = read_field(path)
+        grid = Grid.of(field)
+        target = frame.physical(grid.center, grid.direction)
+        u = sample(field_tensor(field, torch.float64), grid, target.points(torch.float64)[None], padding="border")
+        out.append(torch.einsum("ba,nbkji->nakji", torch.as_tensor(grid.direction), u)[0].float())
+    return torch.stack(out)
+
+
+def random_affines(g: torch.Generator, n: int, matrix: float, shift_mm: float) -> torch.Tensor:
+    """`[n, 3, 4]` maps `x -> A x + t` near identity: entries of A within +-matrix, t within +-shift."""
+    a = torch.eye(3) + (torch.rand(n, 3, 3, generator=g) * 2 - 1) * matrix
+    t = (torch.rand(n, 3, 1, generator=g) * 2 - 1) * shift_mm
+    return torch.cat([a, t], dim=2)
+
+
+def draw_batch(config: dict, t: int, n_pairs: int, n_labels: list[int], n_sims: int) -> dict:
+    """Everything random in iteration `t`, for the whole global batch (same on every rank)."""
+    g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + t)
+    b = config["batch_size"]
+    idx = torch.randint(n_pairs, (b,), generator=g)
+    aug = config["augment"]
+    draw = {
+        "pairs": idx,
+        "fixed_affine": random_affines(g, b, aug["matrix"], aug["shift_mm"]),
+        "moving_affine": random_affines(g, b, aug["matrix"], aug["shift_mm"]),
+    }
+    if config["data"]["labels"] == "all":
+        draw["channels"] = torch.tensor([int(torch.randint(n_labels[i], (1,), generator=g)) for i in idx.tolist()])
+    else:
+        draw["channels"] = torch.zeros(b, dtype=torch.long)
+    if n_sims:
+        draw["simulations"] = torch.randint(n_sims, (b,), generator=g)
+    return draw
+
+
+def gamma_at(config: dict, t: int) -> float:
+    """Exponential annealing from gamma[0] at the first iteration to gamma[1] at the last."""
+    g0, g1 = config["gamma"]
+    return g0 * (g1 / g0) ** (t / max(config["iterations"] - 1, 1)) if g0 > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------- training
+class Trainer:
+    """One process's share of a (possibly distributed) training run; `run()` trains to the end."""
+
+    def __init__(self, config: dict, out: str | os.PathLike, progress=None):
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if config["batch_size"] % self.world:
+            raise ConfigError(f"batch_size {config['batch_size']} must divide by the {self.world} processes")
+        self.device = pick_device(config["device"])
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        f = config["frame"]
+        self.frame = adv.ModelFrame(tuple(f["shape"]), f["spacing"], f["margin"])
+        self.fgrid, self.mgrid = self.frame.canonical(), self.frame.canonical(moving=True)
+        self.data = TrainingSet(config, self.frame)
+        adversarial = config["regularizer"] == "adversarial"
+        self.simulated = load_simulations(config["simulations"], self.frame) if adversarial else None
+        self.field_norm = (
+            {"mean": self.simulated.mean((0, 2, 3, 4)).tolist(), "std": float(self.simulated.std())} if adversarial else None
+        )
+        torch.manual_seed(config["seed"])
+        n = config["network"]
+        self.card = adv.model_card(self.frame, n["n0"], n["depth"], adversarial, config["data"]["init"], self.field_norm)
+        self.net, self.disc = adv.build_networks(self.card)
+        self.net.to(self.device)
+        self.opt_g = torch.optim.Adam(self.net.parameters(), lr=config["lr"])
+        self.modules, self.optims = {"generator": self.net}, {"generator": self.opt_g}
+        if self.disc is not None:
+            self.disc.to(self.device)
+            self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config["lr"])
+            self.modules["discriminator"], self.optims["discriminator"] = self.disc, self.opt_d
+        self.start, self.seconds = 0, 0.0
+        checkpoint = self.out / "checkpoint.safetensors"
+        if checkpoint.exists():
+            meta = load_checkpoint(checkpoint, self.modules, self.optims)
+            if meta["config"] != {**config, "iterations": meta["config"]["iterations"]}:
+                raise ConfigError(f"{checkpoint} was written with another config; use a new --out or delete it")
+            self.start, self.seconds = meta["iteration"], meta["seconds"]
+        wrap = (lambda m: DistributedDataParallel(m)) if self.world > 1 else (lambda m: m)
+        self.net_p = wrap(self.net)
+        self.disc_p = wrap(self.disc) if self.disc is not None else None
+        self.writer = self._tensorboard() if self.rank == 0 else None
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional; log.csv has the same numbers
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start + 1)
+
+    def _batch(self, draw: dict) -> dict:
+        """This rank's slice of the drawn global batch, augmented, on the device."""
+        b = self.config["batch_size"] // self.world
+        part = slice(self.rank * b, (self.rank + 1) * b)
+        idx = draw["pairs"][part].tolist()
+        ch = draw["channels"][part].tolist()
+        dev = self.device
+        pts = self.fgrid.points(device=dev)
+        fa, ma = draw["fixed_affine"][part].to(dev), draw["moving_affine"][part].to(dev)
+        fixed_pts = adv.points_through(fa, pts)
+        fixed = sample(self.data.fixed[idx].to(dev), self.fgrid, fixed_pts)
+        moving_src = self.data.moving[idx].to(dev)
+        f_lab = torch.stack([self.data.fixed_labels[i][c : c + 1] for i, c in zip(idx, ch)]).to(dev)
+        m_lab = torch.stack([self.data.moving_labels[i][c : c + 1] for i, c in zip(idx, ch)]).to(dev)
+        batch = {
+            "input": torch.cat([fixed, sample(moving_src, self.mgrid, adv.points_through(ma, pts))], dim=1),
+            "fixed_labels": sample(f_lab, self.fgrid, fixed_pts),
+            "moving_labels": m_lab,
+            "moving_affine": ma,
+        }
+        if self.simulated is not None:
+            sims = self.simulated[draw["simulations"][part]].to(dev)
+            batch["simulated"] = self._normalise(sims)
+        return batch
+
+    def _normalise(self, field: torch.Tensor) -> torch.Tensor:
+        mean = torch.as_tensor(self.field_norm["mean"], device=field.device)[None, :, None, None, None]
+        return (field - mean) / self.field_norm["std"]
+
+    def step(self, t: int) -> adv.StepLosses:
+        """One iteration: the discriminator once, then the registration network once."""
+        c = self.config
+        draw = draw_batch(c, t, len(self.data), [x.shape[0] for x in self.data.fixed_labels], 0 if self.simulated is None else len(self.simulated))
+        batch = self._batch(draw)
+        local, affine = self.net_p(batch["input"])
+        u = adv.full_field(local, affine, self.fgrid)
+        pts = self.fgrid.points(device=self.device)
+        warped = sample(batch["moving_labels"], self.mgrid, adv.points_through(batch["moving_affine"], pts + u.movedim(1, -1)))
+        label = losses.multiscale_dice(warped, batch["fixed_labels"], self.fgrid)
+        record = {}
+        if self.disc is not None:
+            d_loss, d_sim, d_pred = adv.discriminator_loss(
+                self.disc_p, batch["simulated"], self._normalise(local.detach()), gamma_at(c, t)
+            )
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            self.disc.requires_grad_(False)
+            penalty = adv.generator_loss(self.disc, self._normalise(local))
+            self.disc.requires_grad_(True)
+            record = {"generator": penalty.item(), "discriminator": d_loss.item(), "d_simulated": d_sim, "d_predicted": d_pred}
+        else:
+            penalty = adv.regularizer_loss(c["regularizer"], local, self.fgrid)
+        loss = label + c["weight"] * penalty
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        losses_t = adv.StepLosses(label=label.item(), regularizer=penalty.item(), **record)
+        return self._mean_over_ranks(losses_t) if self.world > 1 else losses_t
+
+    def _mean_over_ranks(self, losses_t: adv.StepLosses) -> adv.StepLosses:
+        """The logged figures of the global batch, not only rank 0's share."""
+        values = torch.tensor(list(vars(losses_t).values()), dtype=torch.float64)
+        dist.all_reduce(values)
+        return adv.StepLosses(*(values / self.world).tolist())
+
+    def validate(self) -> dict:
+        """Median landmark TRE and mean gland Dice on the validation patients (images only)."""
+        model = adv.LoadedModel.from_networks(self.net, None, self.card, self.device)
+        rows = []
+        self.net.eval()
+        for pair in self.data.val:
+            v = pair.load()
+            field = adv.register_adversarial(v.fixed, v.moving, loaded=model).field
+            rows.append(pair_metrics(field, v.fixed, v.moving, v.fixed_labels, v.moving_labels))
+        self.net.train()
+        s = summarise(rows)
+        return {"val_tre_median_mm": s.get("tre_median_mm", math.nan), "val_dice": s.get("dice_mean", math.nan)}
+
+    def run(self) -> dict:
+        c = self.config
+        log = self.out / "log.csv"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _truncate_log(log, self.start)
+        began = time.perf_counter() - self.seconds
+        last: dict = {}
+        for t in range(self.start, c["iterations"]):
+            losses_t = self.step(t)
+            it = t + 1
+            row = {"iteration": it, "seconds": round(time.perf_counter() - began, 3), "gamma": gamma_at(c, t), **vars(losses_t)}
+            if self.rank == 0 and c["validate_every"] and (it % c["validate_every"] == 0 or it == c["iterations"]):
+                row.update(self.validate())
+            if self.rank == 0:
+                _append_log(log, row)
+                if self.writer is not None:
+                    for k, v in row.items():
+                        if k != "iteration" and isinstance(v, float) and math.isfinite(v):
+                            self.writer.add_scalar(k, v, it)
+                if self.progress is not None and (it % c["log_every"] == 0 or it == c["iterations"] or "val_dice" in row):
+                    self.progress(row, c["iterations"])
+            if self.rank == 0 and (it % c["checkpoint_every"] == 0 or it == c["iterations"]):
+                meta = {"iteration": it, "seconds": row["seconds"], "config": c}
+                save_checkpoint(self.out / "checkpoint.safetensors", self.modules, self.optims, meta)
+            last = row
+        if self.rank == 0:
+            self._save_model(last)
+        if self.world > 1:
+            dist.barrier()
+        return last
+
+    def _save_model(self, last: dict) -> None:
+        tensors = {f"{name}.{k}": v for name, m in self.modules.items() for k, v in m.state_dict().items()}
+        card = {
+            **self.card,
+            "training": {
+                "data": "mrus_prostate (shared data; see ../shared/data/README.md)",
+                "labels": self.config["data"]["labels"],
+                "patients": self.data.groups,
+                "train_pairs": self.data.train_ids,
+                "simulations": str(self.config["simulations"]) if self.config["simulations"] else None,
+                "n_simulations": 0 if self.simulated is None else len(self.simulated),
+                "config": self.config,
+                "command": " ".join(["priorreg", *sys.argv[1:]]) if sys.argv else None,
+                "processes": self.world,
+                "iterations": last.get("iteration"),
+                "seconds": last.get("seconds"),
+                "final_log": {k: v for k, v in last.items() if isinstance(v, (int, float))},
+            },
+        }
+        save_model(self.out / f"{self.config['name']}.safetensors", tensors, card)
+
+
+def _truncate_log(log: Path, iteration: int) -> None:
+    """Drop log rows after the checkpoint we resume from (they will be recomputed)."""
+    if not log.exists():
+        return
+    with log.open() as f:
+        rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= iteration]
+    log.unlink()
+    for r in rows:
+        _append_log(log, r)
+
+
+LOG_COLUMNS = [
+    "iteration", "seconds", "gamma", "label", "regularizer", "generator", "discriminator",
+    "d_simulated", "d_predicted", "val_tre_median_mm", "val_dice",
+]  # fmt: skip
+
+
+def _append_log(log: Path, row: dict) -> None:
+    new = not log.exists()
+    with log.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+
+def train(config: dict, out, progress=None) -> dict:
+    """Train (or resume) to `config['iterations']`; returns the last log row."""
+    return Trainer(config, out, progress).run()
+
