@@ -1,5 +1,7 @@
 """`python -m bench run --suite accuracy --data-root PATH --out DIR`: every method and peer, same pairs.
 
+`python -m bench regularizers ...` reruns seed 000's Table 1 (see `bench/regularizers.py`).
+
 Writes `DIR/<task>.json` (ARCHITECTURE.md's evaluation format, one entry per
 method), `DIR/results.md` (the tables the README quotes) and `DIR/<task>.png`
 (box plots per method). Peers whose package is missing are listed as missing.
@@ -28,6 +30,8 @@ from .peers import PEERS, THREADS, available
 ACCURACY = {"hippocampus": {"pairs": 8, "split": "all"}, "mrus_prostate": {"pairs": 5, "split": "test"}}
 # Per-task options for PriorReg's methods (MR and TRUS headers are in unrelated frames).
 OPTIONS = {"mrus_prostate": {"iterative": {"init": "centres"}, "dip": {"init": "centres", "similarity": "lncc"}}}
+# Trained networks run only on the task their shipped model was trained for.
+ONLY_ON = {"adversarial": {"mrus_prostate"}}
 COLUMNS = {
     "hippocampus": ["dice_mean", "dice30", "hd95_mm", "sdlogj", "folding_pct", "seconds_per_pair"],
     "mrus_prostate": ["tre_median_mm", "tre_iqr_low_mm", "tre_iqr_high_mm", "dice_mean", "folding_pct", "seconds_per_pair"],
@@ -38,6 +42,8 @@ def run_task(task: str, methods: list[str], peers: list[str], root, n_pairs: int
     """Every method on the same seeded pairs of one task; the report is a dict per method."""
     reports: dict[str, dict] = {}
     for name in methods + peers:
+        if task not in ONLY_ON.get(name, {task}):
+            continue
         if name in PEERS and not available(name):
             reports[name] = {"missing": f"peer {name!r} is not installed (pip install .[bench])"}
             print(f"{task}: {name} missing", file=sys.stderr)
@@ -101,8 +107,18 @@ def main(argv=None) -> int:
     r.add_argument("--peers", nargs="*", default=sorted(PEERS), choices=sorted(PEERS))
     r.add_argument("--pairs", type=int, help="pairs per task (default: the suite's)")
     r.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("regularizers", help="seed 000's Table 1: train (or reuse) four networks, score them on test patients")
+    g.add_argument("--data-root")
+    g.add_argument("--simulations", required=True, help="folder of simulated fields (priorreg simulate --out DIR)")
+    g.add_argument("--models", required=True, help="where the four trained networks are (trained there when missing)")
+    g.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
+    if args.command == "regularizers":
+        from .regularizers import run as run_regularizers
+
+        print(run_regularizers(args.data_root, args.simulations, Path(args.models), Path(args.out)))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = (

@@ -154,6 +154,10 @@ def cmd_evaluate(args) -> int:
     report = evaluate_task(
         args.task, args.method, args.data_root, args.pairs, args.split, args.seed, options, on_pair
     )
+    if args.method == "adversarial":
+        from .models import resolve_model
+
+        report["model"] = str(resolve_model(args.model))
     _write_json(report, args.json)
     print(json.dumps(report["summary"], indent=2))
     return 0

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from priorreg.methods import adversarial as adv
 from priorreg.models import save_model
 from priorreg.nets.localnet import Discriminator, RegistrationNet
-from priorreg.spatial import Grid, field_volume, write_field
+from priorreg.spatial import Grid
 from priorreg.train import ConfigError, load_config, train
 from priorreg.volume import Volume
 
@@ -97,29 +97,14 @@ def test_config_errors_name_the_problem(tmp_path):
     assert load_config(None, regularizer="bending")["weight"] == 0.5
 
 
-def _simulations(folder, shared_data, n=4):
-    """Smooth random fields on a real TRUS grid: a stand-in distribution for trainer mechanics only."""
-    from priorreg.filters import gaussian_smooth_mm
-
-    ref = Volume.read(shared_data / "mrus_prostate" / "fixed_images" / "obs000.nii.gz")
-    grid = Grid.of(ref)
-    g = torch.Generator().manual_seed(0)
-    for s in range(n):
-        u = gaussian_smooth_mm(torch.randn(1, 3, *grid.shape, generator=g, dtype=torch.float64), grid, 8.0)
-        write_field(field_volume((u / u.abs().max() * 4).float(), grid), folder / f"sim{s}.nii.gz")
-    return folder
-
-
 @pytest.fixture
-def tiny_config(tmp_path, shared_data):
-    sims = tmp_path / "sims"
-    sims.mkdir()
+def tiny_config(tmp_path, shared_data, smooth_fields):
     config = {
         "iterations": 4,
         "batch_size": 2,
         "frame": {"shape": [16, 16, 16], "spacing": 6.0, "margin": 4},
         "network": {"n0": 2, "depth": 2},
-        "simulations": str(_simulations(sims, shared_data)),
+        "simulations": str(smooth_fields(tmp_path / "sims")),
         "validate_every": 0,
         "checkpoint_every": 2,
         "log_every": 1,

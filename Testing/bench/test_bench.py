@@ -23,3 +23,32 @@ def test_accuracy_suite_on_one_pair(tmp_path, shared_data):
         assert reports["ants_syn"]["summary"]["dice_mean"] > direct["dice_mean"]
     else:  # reported, never silently dropped
         assert "missing" in reports["ants_syn"] and "| ants_syn | missing" in table
+
+
+def test_regularizer_table_trains_reuses_and_scores_on_held_out_patients(tmp_path, shared_data, smooth_fields):
+    """Seed 000's Table 1 harness with two-iteration networks: every row, test patients only."""
+    import yaml
+
+    from bench.regularizers import CONFIGS, VARIANTS, run
+    from priorreg.data import mrus_pairs, split_by_patient
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for variant in VARIANTS:
+        config = yaml.safe_load((CONFIGS / f"mrus_{variant}.yaml").read_text())
+        config.update(iterations=2, batch_size=2, validate_every=0, frame={"shape": [16, 16, 16], "spacing": 6.0, "margin": 4},
+                      network={"n0": 2, "depth": 2}, data={**config["data"], "limit": 2})  # fmt: skip
+        (configs / f"mrus_{variant}.yaml").write_text(yaml.safe_dump(config))
+    sims = smooth_fields(tmp_path / "sims", n=2)
+    text = run(shared_data, sims, tmp_path / "models", tmp_path / "out", "val", configs)
+    reports = json.loads((tmp_path / "out" / "mrus_regularizers.json").read_text())
+    assert list(reports) == ["identity", "centres", *VARIANTS]
+    val_ids = {p.id for p in split_by_patient(mrus_pairs(shared_data))["val"]}
+    for name, report in reports.items():
+        assert {p["id"] for p in report["pairs"]} == val_ids, name
+        assert f"| {name} | {len(val_ids)} |" in text
+    assert reports["bending"]["card"]["config"]["regularizer"] == "bending"
+    assert not set(reports["adversarial"]["card"]["train_pairs"]) & val_ids
+    stamp = (tmp_path / "models" / "mrus_none" / "mrus_none.safetensors").stat().st_mtime_ns
+    run(shared_data, sims, tmp_path / "models", tmp_path / "out2", "val", configs)  # finished models are reused
+    assert (tmp_path / "models" / "mrus_none" / "mrus_none.safetensors").stat().st_mtime_ns == stamp
