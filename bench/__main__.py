@@ -1,6 +1,7 @@
 """`python -m bench run --suite accuracy --data-root PATH --out DIR`: every method and peer, same pairs.
 
-`python -m bench regularizers ...` reruns seed 000's Table 1 (see `bench/regularizers.py`).
+`python -m bench regularizers ...` reruns seed 000's Table 1 (see `bench/regularizers.py`);
+`python -m bench speed ...` times registrations against volume size (see `bench/speed.py`).
 
 Writes `DIR/<task>.json` (ARCHITECTURE.md's evaluation format, one entry per
 method), `DIR/results.md` (the tables the README quotes) and `DIR/<task>.png`
@@ -112,8 +113,21 @@ def main(argv=None) -> int:
     g.add_argument("--simulations", required=True, help="folder of simulated fields (priorreg simulate --out DIR)")
     g.add_argument("--models", required=True, help="where the four trained networks are (trained there when missing)")
     g.add_argument("--out", required=True)
+    sp = sub.add_parser("speed", help="seconds per registration and peak memory vs volume size")
+    sp.add_argument("--data-root")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--methods", nargs="+", default=["centres", "adversarial"])
+    sp.add_argument("--sizes", nargs="+", default=["mrus", "64", "128"], choices=["mrus", "64", "128", "160x192x224"])
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
+    if args.command == "speed":
+        from .speed import run as run_speed
+
+        options = {name: OPTIONS["mrus_prostate"][name] for name in args.methods if name in OPTIONS["mrus_prostate"]}
+        print(run_speed(args.data_root, args.methods, args.sizes, Path(args.out), args.repeats, args.device, options))
+        return 0
     if args.command == "regularizers":
         from .regularizers import run as run_regularizers
 

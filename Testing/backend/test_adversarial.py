@@ -171,3 +171,31 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     # the smoothing term squares input gradients of a barely trained discriminator: less stable
     np.testing.assert_allclose(logs[0]["discriminator"], logs[1]["discriminator"], rtol=5e-2)
     assert card["training"]["processes"] == 2 and card["training"]["iterations"] == 4
+
+
+def test_finetuning_improves_the_shipped_model_on_a_held_out_pair_and_changes_no_weights(shared_data):
+    """Test-time fine-tuning on a test patient's gland labels: better Dice; the model, on disk and in memory, unchanged."""
+    import hashlib
+
+    from priorreg.data import binary_channels, mrus_pairs, split_by_patient
+    from priorreg.evaluate import pair_metrics
+    from priorreg.models import resolve_model
+
+    path = resolve_model("adversarial_mrus")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = adv.LoadedModel.load(path, "cpu")
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    v = split_by_patient(mrus_pairs(shared_data))["test"][0].load()
+    glands = [binary_channels(x).channel(0) for x in (v.fixed_labels, v.moving_labels)]
+    plain = adv.register_adversarial(v.fixed, v.moving, loaded=model)
+    seen = []
+    tuned = adv.register_adversarial(
+        v.fixed, v.moving, loaded=model, fixed_labels=glands[0], moving_labels=glands[1], finetune_steps=30, progress=seen.append
+    )
+    scores = [pair_metrics(r.field, v.fixed, v.moving, v.fixed_labels, v.moving_labels) for r in (plain, tuned)]
+    assert scores[1]["dice_mean"] > scores[0]["dice_mean"] + 0.02, scores
+    assert scores[1]["folding_pct"] < 0.5
+    assert [p.stage for p in seen] == ["fine-tune"] * 30 + ["inference"] and seen[-1].step == 31
+    assert tuned.warped_labels is not None and tuned.method == "adversarial+finetune"
+    assert all(torch.equal(before[k], w) for k, w in model.net.state_dict().items())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest

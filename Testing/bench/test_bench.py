@@ -52,3 +52,17 @@ def test_regularizer_table_trains_reuses_and_scores_on_held_out_patients(tmp_pat
     stamp = (tmp_path / "models" / "mrus_none" / "mrus_none.safetensors").stat().st_mtime_ns
     run(shared_data, sims, tmp_path / "models", tmp_path / "out2", "val", configs)  # finished models are reused
     assert (tmp_path / "models" / "mrus_none" / "mrus_none.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_speed_suite_times_each_method_in_its_own_process(tmp_path, shared_data):
+    out = tmp_path / "speed"
+    assert main(["speed", "--methods", "identity", "centres", "--sizes", "mrus", "64", "--repeats", "2",
+                 "--data-root", str(shared_data), "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "speed.json").read_text())["results"]
+    for size in ("mrus", "64"):
+        for method in ("identity", "centres"):
+            r = report[size][method]
+            assert len(r["times"]) == 2 and r["seconds"] == pytest.approx(sorted(r["times"])[0] / 2 + sorted(r["times"])[1] / 2)
+            assert r["peak_rss_mb"] > 50  # a real process that imported torch
+    table = (out / "speed.md").read_text()
+    assert "| 64 | centres |" in table and (out / "speed.png").stat().st_size > 1000

@@ -21,13 +21,14 @@ with Roth et al.'s distribution smoothing `Omega = E_v[(1-D)^2 |grad psi|^2] + E
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import regularizers
+from .. import losses, regularizers
 from ..data import binary_channels
 from ..models import load_model, prefixed
 from ..nets.localnet import Discriminator, RegistrationNet
@@ -218,27 +219,77 @@ def register_adversarial(
     init: str | None = None,
     progress=None,
     cancel=None,
+    fixed_labels: Volume | None = None,
     moving_labels: Volume | None = None,
+    finetune_steps: int = 0,
+    finetune_lr: float = 1e-4,
+    similarity: str | None = None,
     loaded: LoadedModel | None = None,
 ) -> RegistrationResult:
     """Register with a trained network: one forward pass in the model frame.
 
+    With `finetune_steps`, a *copy* of the network is first optimised on this pair
+    (test-time instance optimisation, as uniGradICON and ConvexAdam do): Adam on its
+    weights, minimising the multiscale Dice of the given labels (both or neither)
+    and/or an image `similarity` ("lncc", "mse", "mae", "local_gradient"), plus the
+    model's adversarial prior (its discriminator's generator loss, weight lambda_adv)
+    when it has one, so that the tuned field stays plausible. The loaded weights,
+    in memory and on disk, are never changed.
+
     `init` overrides the card's initialisation. `loaded` reuses a `LoadedModel`
-    (evaluation loops load once). The network sees images only.
+    (evaluation loops load once). Without fine-tuning the network sees images only.
     """
-    monitor = Monitor(1, progress, cancel)
+    if (fixed_labels is None) != (moving_labels is None):
+        raise ValueError("give both fixed and moving labels, or neither")
+    if finetune_steps and fixed_labels is None and similarity is None:
+        raise ValueError("fine-tuning needs labels (fixed and moving) or an image similarity")
+    monitor = Monitor(finetune_steps + 1, progress, cancel)
     model = loaded or LoadedModel.load(model, device)
     init = init or model.card["preprocessing"]["init"]
     fg, mg = Grid.of(fixed), Grid.of(moving)
     cf, cm = frame_centres(fg, mg, init)
-    arrays = frame_pair(fixed, moving, model.frame, init)
+    tuning = finetune_steps > 0 and fixed_labels is not None
+    arrays = frame_pair(fixed, moving, model.frame, init, fixed_labels if tuning else None, moving_labels if tuning else None)
+    pair = {k: torch.as_tensor(v, device=model.device)[None] for k, v in arrays.items()}
     fcan, mcan = model.frame.canonical(), model.frame.canonical(moving=True)
+    net = model.net
+    if finetune_steps:
+        net = finetune(model, pair, finetune_steps, finetune_lr, similarity, monitor)
     with torch.no_grad():
-        f = torch.as_tensor(arrays["fixed"], device=model.device)[None]
-        m = torch.as_tensor(arrays["moving"], device=model.device)[None]
-        m_in = sample(m, mcan, fcan.points(device=model.device)[None])
-        local, affine = model.net(torch.cat([f, m_in], dim=1))
+        m_in = sample(pair["moving"], mcan, fcan.points(device=model.device)[None])
+        local, affine = net(torch.cat([pair["fixed"], m_in], dim=1))
         u = full_field(local, affine, fcan)
     field = _to_fixed_grid(u, fg, model.frame.physical(cf, fg.direction), cf, cm)
     monitor.tick("inference", float("nan"))
-    return RegistrationResult.from_field(field, moving, "adversarial", monitor.elapsed, moving_labels, monitor.history)
+    name = "adversarial+finetune" if finetune_steps else "adversarial"
+    return RegistrationResult.from_field(field, moving, name, monitor.elapsed, moving_labels, monitor.history)
+
+
+def finetune(model: LoadedModel, pair: dict, steps: int, lr: float, similarity: str | None, monitor: Monitor):
+    """A copy of `model.net` after `steps` Adam steps on one model-frame pair (see `register_adversarial`)."""
+    from .common import similarity_loss
+
+    net = copy.deepcopy(model.net).train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    fcan, mcan = model.frame.canonical(), model.frame.canonical(moving=True)
+    pts = fcan.points(device=model.device)
+    m_in = sample(pair["moving"], mcan, pts[None])
+    lambda_adv = model.card.get("training", {}).get("config", {}).get("weight", 0.01)
+    for _ in range(steps):
+        local, affine = net(torch.cat([pair["fixed"], m_in], dim=1))
+        u = full_field(local, affine, fcan)
+        moved = pts[None] + u.movedim(1, -1)
+        loss = local.new_zeros(())
+        if "fixed_labels" in pair:
+            loss = loss + losses.multiscale_dice(sample(pair["moving_labels"], mcan, moved), pair["fixed_labels"], fcan)
+        if similarity is not None:
+            loss = loss + similarity_loss(similarity, pair["fixed"], sample(pair["moving"], mcan, moved), fcan)
+        if model.disc is not None:
+            norm = model.card["field_norm"]
+            mean = torch.as_tensor(norm["mean"], device=local.device)[None, :, None, None, None]
+            loss = loss + lambda_adv * generator_loss(model.disc, (local - mean) / norm["std"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        monitor.tick("fine-tune", loss.item())
+    return net.eval()

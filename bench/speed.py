@@ -1,0 +1,140 @@
+"""`python -m bench speed --data-root PATH --out DIR`: seconds per registration and peak memory vs volume size.
+
+Each (method, size) runs in its own fresh process (so its peak RSS is its own): one
+warm-up, then `repeats` timed registrations; the figure is the median. Sizes are a real
+MR-US pair (obs000) as stored ("mrus": TRUS 47x63x44, MR 69x69x64) and the same pair
+resampled over the same fields of view onto N^3 or KxJxI grids, so the content is real
+and only the voxel count changes. Every figure is also given as a ratio to the fastest
+method measured at that size in the same run. CPU with `THREADS` threads; on a GPU
+machine pass `--device cuda` (max allocated GPU memory is then reported too).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZES = {"mrus": None, "64": (64, 64, 64), "128": (128, 128, 128), "160x192x224": (160, 192, 224)}
+
+
+def _pair(root, size):
+    from priorreg.data import mrus_pairs
+    from priorreg.spatial import Grid, resample
+
+    v = mrus_pairs(root)[0].load()
+    if size is None:
+        return v.fixed, v.moving
+
+    def regrid(volume):
+        g = Grid.of(volume)
+        extent = g.spacing * (np.array(g.shape[::-1]) - 1)
+        spacing = extent / (np.array(size[::-1]) - 1)
+        return resample(volume, Grid(tuple(size), spacing, g.origin, g.direction))
+
+    return regrid(v.fixed), regrid(v.moving)
+
+
+def _measure(method, size, root, repeats, device, options, queue) -> None:
+    import torch
+
+    from priorreg.registration import register
+
+    from .peers import PEERS, THREADS
+
+    torch.set_num_threads(THREADS)
+    fixed, moving = _pair(root, size)
+    if method in PEERS:
+
+        def run():
+            PEERS[method][1](fixed, moving)
+    else:
+
+        def run():
+            register(fixed, moving, method=method, **({"device": device, **options} if method != "identity" else {}))
+
+    run()  # warm-up: model loading, allocator, JIT-free first calls
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"seconds": statistics.median(times), "times": times, "peak_rss_mb": rss, "gpu_max_allocated_mb": gpu})
+
+
+def measure(method, size_name, root, repeats=5, device="cpu", options=None) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(method, SIZES[size_name], root, repeats, device, options or {}, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        return {"error": f"exit code {proc.exitcode}"}
+    return queue.get()
+
+
+def run(root, methods, sizes, out: Path, repeats=5, device="cpu", options=None) -> str:
+    from priorreg.evaluate import versions
+
+    from .peers import PEERS, THREADS, available
+
+    results: dict[str, dict] = {}
+    for size in sizes:
+        results[size] = {}
+        for method in methods:
+            if method in PEERS and not available(method):
+                results[size][method] = {"missing": f"peer {method!r} is not installed (pip install .[bench])"}
+                continue
+            results[size][method] = measure(method, size, root, repeats, device, (options or {}).get(method))
+            print(f"{size} {method}: {results[size][method]}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps({"device": device, "threads": THREADS, "versions": versions(), "results": results}, indent=1) + "\n")
+    lines = [
+        f"Run {time.strftime('%Y-%m-%d')}, device {device}, {THREADS} CPU threads, median of {repeats} after one warm-up.",
+        f"Command: `python -m bench speed --methods {' '.join(methods)} --sizes {' '.join(sizes)} --repeats {repeats}`",
+        "",
+        "| size | method | seconds | vs fastest | peak RSS MB |",
+        "|---|---|---|---|---|",
+    ]
+    for size, by_method in results.items():
+        timed = [r["seconds"] for r in by_method.values() if "seconds" in r]
+        fastest = min(timed) if timed else 1.0
+        for method, r in by_method.items():
+            if "seconds" in r:
+                lines.append(f"| {size} | {method} | {r['seconds']:.3g} | {r['seconds'] / fastest:.1f}x | {r['peak_rss_mb']:.0f} |")
+            else:
+                lines.append(f"| {size} | {method} | {r.get('missing') or r.get('error')} | | |")
+    text = "\n".join(lines) + "\n"
+    (out / "speed.md").write_text(text)
+    _plot(results, out / "speed.png")
+    return text
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sizes = list(results)
+    voxels = [47 * 63 * 44 if s == "mrus" else int(np.prod(SIZES[s])) for s in sizes]
+    methods = sorted({m for r in results.values() for m in r})
+    for method in methods:
+        pts = [(v, results[s][method]["seconds"]) for s, v in zip(sizes, voxels) if "seconds" in results[s].get(method, {})]
+        if pts:
+            ax.loglog(*zip(*sorted(pts)), marker="o", label=method)
+    ax.set_xlabel("fixed-image voxels")
+    ax.set_ylabel("seconds per registration")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
