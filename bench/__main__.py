@@ -113,6 +113,11 @@ def main(argv=None) -> int:
     g.add_argument("--simulations", required=True, help="folder of simulated fields (priorreg simulate --out DIR)")
     g.add_argument("--models", required=True, help="where the four trained networks are (trained there when missing)")
     g.add_argument("--out", required=True)
+    sh = sub.add_parser("ship", help="copy a trained Table 1 variant into Resources/Models with its test figures")
+    sh.add_argument("--results", required=True, help="mrus_regularizers.json of python -m bench regularizers")
+    sh.add_argument("--variant", default="adversarial")
+    sh.add_argument("--name", default="adversarial_mrus")
+    sh.add_argument("--dest", default=str(Path(__file__).resolve().parent.parent / "Resources" / "Models"))
     sp = sub.add_parser("speed", help="seconds per registration and peak memory vs volume size")
     sp.add_argument("--data-root")
     sp.add_argument("--out", required=True)
@@ -122,6 +127,11 @@ def main(argv=None) -> int:
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
+    if args.command == "ship":
+        from .regularizers import ship
+
+        print(f"shipped {ship(Path(args.results), args.variant, args.name, Path(args.dest))}")
+        return 0
     if args.command == "speed":
         from .speed import run as run_speed
 

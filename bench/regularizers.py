@@ -82,3 +82,29 @@ def run(root, simulations, models: Path, out: Path, split: str = "test", configs
     )
     (out / "mrus_regularizers.md").write_text(text)
     return text
+
+
+def ship(results: Path, variant: str, name: str, dest: Path) -> Path:
+    """Copy one trained variant into `dest` as `<name>` with its held-out figures in the card.
+
+    The shipped card says where the weights came from (config, data, split, command) and
+    what they measure on the test patients, from the same JSON the table was made from.
+    """
+    from priorreg.models import load_model, save_model
+
+    reports = json.loads(Path(results).read_text())
+    report = reports[variant]
+    tensors, card, _ = load_model(report["model"])
+    tre = [t for p in report["pairs"] for t in p.get("tre_mm", [])]
+    dice = [p["dice_mean"] for p in report["pairs"] if "dice_mean" in p]
+    card["name"] = name
+    card["metrics"] = {
+        "split": report.get("split"),
+        "test_patients": card["training"]["patients"]["test"],
+        "summary": report["summary"],
+        "tre_median_iqr_mm": _median_iqr(tre),
+        "gland_dice_median_iqr": _median_iqr(dice),
+        "baselines": {k: reports[k]["summary"] for k in ("identity", "centres") if k in reports},
+        "source": f"python -m bench regularizers (results: {Path(results).name})",
+    }
+    return save_model(dest / f"{name}.safetensors", tensors, card)

@@ -1,4 +1,4 @@
-"""The `priorreg` command line: register, warp, evaluate-field, evaluate, train.
+"""The `priorreg` command line: register, warp, evaluate-field, evaluate, train, simulate.
 
 Every command reads and writes files through `Volume` (geometry kept), validates
 all inputs before writing anything, and reports errors as one line naming the
@@ -21,6 +21,7 @@ from .evaluate import TASKS, evaluate_task, pair_metrics, summarise, versions
 from .jacobian import jacobian_volume
 from .methods import METHODS
 from .registration import Cancelled, Progress, register
+from .simulate import cli as simulate_cli
 from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
 
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder: checkpoint, log.csv, the model and its card; rerun to resume")
     t.add_argument("--simulations", help="folder of simulated displacement fields (overrides the config)")
     t.set_defaults(func=cmd_train)
+
+    simulate_cli.add_parser(sub)
     return p
 
 

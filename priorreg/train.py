@@ -134,7 +134,8 @@ def load_simulations(folder, frame: adv.ModelFrame) -> torch.Tensor:
     Each field is framed like a fixed image: the model grid centred on the field's own
     field of view, along its direction; vectors are rotated into the model axes.
     """
-    files = sorted(p for p in Path(folder).iterdir() if p.name.endswith(FIELD_SUFFIXES))
+    # Names starting with a dot are the simulator's unfinished temporary files.
+    files = sorted(p for p in Path(folder).iterdir() if p.name.endswith(FIELD_SUFFIXES) and not p.name.startswith("."))
     if not files:
         raise ConfigError(f"simulations: no displacement-field images ({', '.join(FIELD_SUFFIXES)}) in {folder}")
     out = []
