@@ -72,6 +72,19 @@ def _method_options(args) -> dict:
     return {}
 
 
+def _driving_labels(args, fixed_labels, moving_labels) -> dict:
+    """The label channels chosen with --label-channels, as the method's driving labels."""
+    if args.label_channels is None:
+        return {}
+    chosen = {
+        "fixed_labels": _select_channels(fixed_labels, args.label_channels),
+        "moving_labels": _select_channels(moving_labels, args.label_channels),
+    }
+    if chosen["fixed_labels"] is None or chosen["moving_labels"] is None:
+        raise VolumeError("--label-channels needs both fixed and moving labels")
+    return chosen
+
+
 def cmd_register(args) -> int:
     if args.sample:
         pair = data.sample_pair(args.sample, args.data_root)
@@ -90,13 +103,10 @@ def cmd_register(args) -> int:
         options["init"] = args.init
         if args.similarity:  # each method has its own default
             options["similarity"] = args.similarity
-        if args.label_channels is not None:
-            options.update(
-                fixed_labels=_select_channels(fixed_labels, args.label_channels),
-                moving_labels=_select_channels(moving_labels, args.label_channels),
-            )
-            if options["fixed_labels"] is None or options["moving_labels"] is None:
-                raise VolumeError("--label-channels needs both fixed and moving labels")
+        options.update(_driving_labels(args, fixed_labels, moving_labels))
+    elif args.method == "adversarial" and args.finetune_steps:
+        options.update(finetune_steps=args.finetune_steps, similarity=args.similarity)
+        options.update(_driving_labels(args, fixed_labels, moving_labels))
     print(f"registering {moving_path} -> {fixed_path} with {args.method}", file=sys.stderr)
     result = register(fixed, moving, method=args.method, progress=_progress_bar(args.method), **options)
     before = register(fixed, moving, method="identity")
@@ -208,11 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sample", choices=sorted({e["name"] for e in data.SAMPLES}), help="register a sample pair")
     r.add_argument("--method", default="iterative", choices=sorted(METHODS))
     r.add_argument(
-        "--similarity", choices=["lncc", "mse", "local_gradient", "mae"], help="default: lncc for iterative, mae for dip (the paper's)"
+        "--similarity",
+        choices=["lncc", "mse", "local_gradient", "mae"],
+        help="default: lncc for iterative, mae for dip (the paper's), none for adversarial fine-tuning",
     )
-    r.add_argument("--init", default="geometry", choices=["geometry", "centres"])
+    r.add_argument("--init", default="geometry", choices=["geometry", "centres"], help="iterative, dip (adversarial: its card's)")
     r.add_argument("--label-channels", type=int, nargs="+", help="label channels that drive the registration, e.g. 0 (gland)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument(
+        "--finetune-steps", type=int, default=0,
+        help="adversarial: fine-tune a copy of the network on this pair first (with --label-channels and/or --similarity)",
+    )  # fmt: skip
     r.add_argument("--model", default="adversarial_mrus", help="trained model name or .safetensors path (--method adversarial)")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=cmd_register)

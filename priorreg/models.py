@@ -16,8 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, safe_open, save_file
+# torch (and safetensors' torch API) are imported inside the functions that need them: the Slicer
+# panels list models and their cards before torch is installed.
 
 SHIPPED = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
@@ -65,8 +65,10 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def save_model(path: str | os.PathLike, tensors: dict[str, torch.Tensor], card: dict) -> Path:
+def save_model(path: str | os.PathLike, tensors: dict, card: dict) -> Path:
     """Write `<path>.safetensors` and its card `<path>.json`, each atomically."""
+    from safetensors.torch import save_file
+
     path = Path(path).with_suffix(".safetensors")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     _atomic(path, lambda tmp: save_file(tensors, tmp))
@@ -74,8 +76,10 @@ def save_model(path: str | os.PathLike, tensors: dict[str, torch.Tensor], card: 
     return path
 
 
-def load_model(name_or_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, Path]:
+def load_model(name_or_path: str | os.PathLike) -> tuple[dict, dict, Path]:
     """Tensors, card and file of a model; the card must sit beside the weights."""
+    from safetensors.torch import load_file
+
     path = resolve_model(name_or_path)
     card_path = path.with_suffix(".json")
     if not card_path.exists():
@@ -83,7 +87,7 @@ def load_model(name_or_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     return load_file(path), json.loads(card_path.read_text()), path
 
 
-def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def prefixed(tensors: dict, prefix: str) -> dict:
     """The entries under `prefix.`, with the prefix removed (one network of a multi-network file)."""
     n = len(prefix) + 1
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -92,7 +96,10 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 # ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: str | os.PathLike, modules: dict, optimizers: dict, meta: dict) -> None:
     """Weights of `modules` and state of `optimizers` (name -> object) with `meta`, atomically."""
-    tensors: dict[str, torch.Tensor] = {}
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
     groups = {}
     for name, module in modules.items():
         tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
@@ -109,6 +116,8 @@ def save_checkpoint(path: str | os.PathLike, modules: dict, optimizers: dict, me
 
 def load_checkpoint(path: str | os.PathLike, modules: dict, optimizers: dict) -> dict:
     """Restore what `save_checkpoint` wrote into `modules` and `optimizers`; returns its `meta`."""
+    from safetensors.torch import load_file, safe_open
+
     tensors = load_file(path)
     with safe_open(path, "pt") as f:
         metadata = f.metadata()

@@ -33,14 +33,16 @@ def temporary_nodes(scene):
     colour tables, the subject hierarchy), and removing a node does not remove
     its display nodes. A bridge call must leave the scene as it was apart from
     its result, and exactly as it was when it fails: on an error every added
-    node goes, kept or not. `keep(node)` keeps the node and its display nodes.
+    node goes, kept or not. `keep(node)` keeps the node and, when it is
+    displayable, its display nodes (colour and table nodes have none).
     """
     before = set(_node_ids(scene))
     kept: set[str] = set()
 
     def keep(node):
         kept.add(node.GetID())
-        kept.update(node.GetNthDisplayNodeID(i) for i in range(node.GetNumberOfDisplayNodes()))
+        if node.IsA("vtkMRMLDisplayableNode"):
+            kept.update(node.GetNthDisplayNodeID(i) for i in range(node.GetNumberOfDisplayNodes()))
         return node
 
     succeeded = False

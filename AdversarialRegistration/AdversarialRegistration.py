@@ -1,0 +1,315 @@
+"""AdversarialRegistration: register two volumes with a trained network (Hu et al. 2018).
+
+Thin by design: the panel is a .ui file bound to a parameter node, the Logic passes explicit
+arguments to `priorreg.slicer.logic.register_nodes`, which checks the inputs, runs the backend
+and makes the output nodes. torch is imported only when Apply runs (and installed then, after
+asking), so the panel appears in a Slicer without it.
+"""
+
+import logging
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from priorreg.registration import Cancelled
+from priorreg.slicer.dependencies import ensure_dependencies
+from priorreg.slicer.logic import display_outputs, model_card, model_summary, register_nodes, set_foreground_opacity
+
+DEFAULT_MODEL = "adversarial_mrus"
+
+
+class AdversarialRegistration(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Adversarial Registration"
+        self.parent.categories = ["Registration"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["PriorReg developers"]
+        self.parent.helpText = (
+            "Deformable registration with a network trained with adversarial deformation regularization "
+            "(Hu et al., 2018): one forward pass, optionally fine-tuned on the current pair. Outputs: the moving "
+            "volume warped onto the fixed grid, a grid transform usable on segmentations and markups, the "
+            "Jacobian determinant map (folding in yellow) and a metrics table."
+        )
+        self.parent.acknowledgementText = "PriorReg: deep-learning registration with learned priors."
+
+
+@parameterNodeWrapper
+class AdversarialRegistrationParameterNode:
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    fixedSegmentation: vtkMRMLSegmentationNode
+    movingSegmentation: vtkMRMLSegmentationNode
+    model: str = DEFAULT_MODEL  # set from the model combo box, whose items are found at run time
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    finetuneSteps: Annotated[int, WithinRange(0, 5000)] = 0
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+
+
+class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._running = False
+        self._cancelRequested = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AdversarialRegistration.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = AdversarialRegistrationLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.modelFileButton.connect("clicked(bool)", self.onModelFileButton)
+        self.ui.opacitySlider.connect("valueChanged(double)", lambda value: set_foreground_opacity(slicer.mrmlScene, value))
+        self.ui.cancelButton.visible = False
+
+        self.populateModels()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            index = self.ui.modelComboBox.findText(self._parameterNode.model)
+            if index >= 0:
+                self.ui.modelComboBox.currentIndex = index
+            self.updateApplyButton()
+
+    def updateApplyButton(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        ready = p is not None and p.fixedVolume is not None and p.movingVolume is not None
+        self.ui.applyButton.enabled = ready and not self._running
+        self.ui.applyButton.toolTip = "Register the moving volume to the fixed volume" if ready else "Select a fixed and a moving volume"
+
+    # ------------------------------------------------------------------------------- models
+    def populateModels(self) -> None:
+        """The models found (shipped, $PRIORREG_MODELS), each with its card's summary as a tooltip."""
+        combo = self.ui.modelComboBox
+        current = combo.currentText or DEFAULT_MODEL
+        combo.blockSignals(True)
+        combo.clear()
+        try:
+            from priorreg.models import available_models
+        except ImportError:  # torch is not installed yet; Apply installs it
+            combo.addItem(DEFAULT_MODEL)
+            self.ui.modelSummaryLabel.text = "Model details appear once PyTorch is installed (Apply installs it)."
+        else:
+            for name, card in available_models().items():
+                combo.addItem(name)
+                combo.setItemData(combo.count - 1, model_summary(card), qt.Qt.ToolTipRole)
+            if combo.findText(current) < 0:
+                combo.addItem(current)
+        combo.currentIndex = combo.findText(current)
+        combo.blockSignals(False)
+        self.onModelChanged()
+
+    def onModelChanged(self, index=None) -> None:
+        name = self.ui.modelComboBox.currentText
+        if self._parameterNode and name:
+            self._parameterNode.model = name
+        try:
+            summary = model_summary(model_card(name))
+        except ImportError:
+            return  # torch missing: populateModels says so
+        except (ValueError, OSError) as error:
+            summary = str(error)
+        self.ui.modelSummaryLabel.text = summary
+        self.ui.modelComboBox.toolTip = summary
+
+    def onModelFileButton(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, "Model file", "", "Models (*.safetensors)")
+        if path:
+            self.ui.modelComboBox.addItem(path)
+            self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.count - 1
+
+    # --------------------------------------------------------------------------------- runs
+    def setRunning(self, running: bool) -> None:
+        self._running = running
+        self._cancelRequested = False
+        self.ui.applyButton.visible = not running
+        self.ui.cancelButton.visible = running
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton):
+            widget.enabled = not running
+        self.ui.progressBar.value = 0
+        self.updateApplyButton()
+
+    def setStatus(self, text: str, error: bool = False) -> None:
+        self.ui.statusLabel.text = text
+        self.ui.statusLabel.styleSheet = "color: #c0392b" if error else ""
+
+    def onProgress(self, progress) -> None:
+        self.ui.progressBar.maximum = progress.total
+        self.ui.progressBar.value = progress.step
+        loss = "" if progress.loss != progress.loss else f", loss {progress.loss:.4f}"  # NaN: no loss at this stage
+        self.setStatus(f"{progress.stage}: step {progress.step} of {progress.total}{loss}")
+        slicer.app.processEvents()  # keeps Slicer responsive and lets Cancel be clicked
+
+    def onCancelButton(self) -> None:
+        self._cancelRequested = True
+        self.setStatus("Cancelling...")
+
+    def onApplyButton(self) -> None:
+        if self._running:
+            return
+        try:
+            if not ensure_dependencies(slicer.util.confirmOkCancelDisplay):
+                self.setStatus("PriorReg needs PyTorch to register; nothing was changed.", error=True)
+                return
+            self.populateModels()
+            self.setRunning(True)
+            self.setStatus("Loading the model...")
+            slicer.app.processEvents()
+            p = self._parameterNode
+            outputs = self.logic.register(
+                p.fixedVolume, p.movingVolume, model=p.model, device=p.device,
+                fixed_segmentation=p.fixedSegmentation, moving_segmentation=p.movingSegmentation,
+                finetune_steps=p.finetuneSteps, progress=self.onProgress, cancel=lambda: self._cancelRequested,
+            )
+            display_outputs(outputs, p.fixedVolume, p.opacity)
+            self.setStatus(f"Done in {outputs.result.seconds:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}")
+        except Cancelled:
+            self.setStatus("Cancelled; the scene is as it was.")
+        except Exception as error:  # shown in the panel; the traceback goes to the log
+            logging.exception("AdversarialRegistration failed")
+            self.setStatus(f"Error: {error}", error=True)
+        finally:
+            if self._running:
+                self.setRunning(False)
+
+
+class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
+    """Usable from Slicer's Python console and `Slicer --no-main-window --python-script`."""
+
+    def getParameterNode(self):
+        return AdversarialRegistrationParameterNode(super().getParameterNode())
+
+    def register(
+        self, fixed, moving, model=DEFAULT_MODEL, device="auto", fixed_segmentation=None, moving_segmentation=None,
+        finetune_steps=0, progress=None, cancel=None, scene=None,
+    ):
+        """Register `moving` to `fixed`; returns `priorreg.slicer.RegistrationOutputs` (the new nodes).
+
+        `model`: a shipped model name or a `.safetensors` path. `finetune_steps` > 0 first tunes a
+        copy of the network on this pair, on the segmentations (both needed). Raises `ValueError`
+        for unusable inputs and `Cancelled` when `cancel()` returns True; either way the scene is
+        left as it was.
+        """
+        options = {"model": model, "device": device}
+        if finetune_steps:
+            options["finetune_steps"] = finetune_steps
+        return register_nodes(
+            fixed, moving, "adversarial", options, fixed_segmentation, moving_segmentation,
+            scene=scene, progress=progress, cancel=cancel,
+        )
+
+
+class AdversarialRegistrationTest(ScriptedLoadableModuleTest):
+    """The MRML tier's flows (Testing/mrml/test_modules.py) on Slicer's own scene and application."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        for test in (self.test_register_outputs, self.test_bad_inputs_change_nothing, self.test_cancel_leaves_scene_as_it_was):
+            self.setUp()
+            test()
+
+    def samplePair(self):
+        from priorreg.data import data_root
+        from priorreg.slicer.sample import mrus_test_pair
+
+        if not (data_root() / "mrus_prostate").is_dir():
+            self.skipTest(f"shared data not found at {data_root()}; set PRIORREG_DATA")
+        return mrus_test_pair(slicer.mrmlScene)
+
+    def nodeIDs(self):
+        return [slicer.mrmlScene.GetNthNode(n).GetID() for n in range(slicer.mrmlScene.GetNumberOfNodes())]
+
+    def test_register_outputs(self):
+        from priorreg.slicer import FIXED_VOLUME_ROLE, MOVING_VOLUME_ROLE
+
+        pair = self.samplePair()
+        outputs = AdversarialRegistrationLogic().register(
+            pair.fixed, pair.moving, device="cpu", fixed_segmentation=pair.fixed_segmentation,
+            moving_segmentation=pair.moving_segmentation,
+        )
+        self.assertTrue(outputs.warped_volume.IsA("vtkMRMLScalarVolumeNode"))
+        self.assertTrue(outputs.transform.IsA("vtkMRMLGridTransformNode"))
+        self.assertTrue(outputs.metrics.IsA("vtkMRMLTableNode"))
+        self.assertEqual(outputs.transform.GetNodeReferenceID(FIXED_VOLUME_ROLE), pair.fixed.GetID())
+        self.assertEqual(outputs.transform.GetNodeReferenceID(MOVING_VOLUME_ROLE), pair.moving.GetID())
+        fixedMatrix, warpedMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        pair.fixed.GetIJKToRASMatrix(fixedMatrix)
+        outputs.warped_volume.GetIJKToRASMatrix(warpedMatrix)
+        for i in range(4):
+            for j in range(4):
+                self.assertAlmostEqual(fixedMatrix.GetElement(i, j), warpedMatrix.GetElement(i, j), places=5)
+        display_outputs(outputs, pair.fixed, opacity=0.3)
+        self.assertEqual(outputs.transform.GetDisplayNode().GetRegionNode().GetID(), pair.fixed.GetID())
+
+    def test_bad_inputs_change_nothing(self):
+        pair = self.samplePair()
+        before = self.nodeIDs()
+        logic = AdversarialRegistrationLogic()
+        for kwargs, message in (
+            ({"fixed": None, "moving": pair.moving}, "no fixed volume"),
+            ({"fixed": pair.fixed, "moving": pair.fixed}, "both fixed and moving"),
+            ({"fixed": pair.fixed, "moving": pair.moving, "fixed_segmentation": pair.fixed_segmentation}, "only the fixed segmentation"),
+        ):
+            with self.assertRaisesRegex(ValueError, message):
+                logic.register(device="cpu", scene=slicer.mrmlScene, **kwargs)
+        self.assertEqual(self.nodeIDs(), before)
+
+    def test_cancel_leaves_scene_as_it_was(self):
+        pair = self.samplePair()
+        before = self.nodeIDs()
+        with self.assertRaises(Cancelled):
+            AdversarialRegistrationLogic().register(
+                pair.fixed, pair.moving, device="cpu", fixed_segmentation=pair.fixed_segmentation,
+                moving_segmentation=pair.moving_segmentation, finetune_steps=3, cancel=lambda: True,
+            )
+        self.assertEqual(self.nodeIDs(), before)
