@@ -282,4 +282,8 @@ def test_cli_uses_training_labels_and_reports_errors(tmp_path, shared_data, caps
     ok = _parse(["simulate", "--out", str(tmp_path / "sims"), "--n", "1", "--fixed-labels", glob, "--seed", "2"], shared_data)
     assert ok.func(ok) == 0
     assert (tmp_path / "sims" / "sim_000000.nii.gz").is_file() and (tmp_path / "sims" / "sim_000000.json").is_file()
-    assert "1 written, 0 already done, 0 failed, from 2 fixed labels" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 written, 0 already done, 0 failed, from 2 fixed labels" in out
+    sidecar = json.loads((tmp_path / "sims" / "sim_000000.json").read_text())
+    median = f"local |u| in the gland, median per simulation (mm): {sidecar['local_gland_median_mm']:.3g} / "
+    assert "1 simulations in" in out and median in out  # the summary reads the sidecars

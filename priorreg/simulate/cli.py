@@ -90,4 +90,29 @@ def run(args) -> int:
         f"{len(report.written)} written, {len(report.skipped)} already done, {len(report.failed)} failed, "
         f"from {len(labels)} fixed labels; fields in {args.out}"
     )
+    print(summary(Path(args.out)))
     return 1 if report.failed else 0
+
+
+def summary(folder: Path) -> str:
+    """Plausibility figures over every simulation in `folder` (from the sidecars): 5th, 50th, 95th percentiles."""
+    import json
+
+    import numpy as np
+
+    sidecars = [json.loads(p.read_text()) for p in sorted(folder.glob("sim_*.json"))]
+    if not sidecars:
+        return "no simulations yet"
+    rows = {
+        "local |u| in the gland, median per simulation (mm)": [s["local_gland_median_mm"] for s in sidecars],
+        "local |u| in the gland, 95th percentile per simulation (mm)": [s["local_gland_p95_mm"] for s in sidecars],
+        "max |u| before affine removal (mm)": [s["max_displacement_mm"] for s in sidecars],
+        "gland volume change (%)": [100 * s["gland_volume_change"] for s in sidecars],
+        "min det J of the written local fields": [min(f["detj_min"] for f in s["fields"]) for s in sidecars],
+        "seconds per simulation": [s["seconds"] for s in sidecars],
+    }
+    lines = [f"{len(sidecars)} simulations in {folder}; 5th / 50th / 95th percentile:"]
+    for name, values in rows.items():
+        p5, p50, p95 = np.percentile(values, [5, 50, 95])
+        lines.append(f"  {name}: {p5:.3g} / {p50:.3g} / {p95:.3g}")
+    return "\n".join(lines)
