@@ -353,17 +353,21 @@ def test_jacobian_colours(shown, artifacts_dir):
         "shrinking": (det > 0.01) & (det < 0.8),
         "folding": det <= 0,
     }
-    assert categories["neutral"].any(), "no voxel keeps its volume (det J ~ 1)"
-    assert categories["growing"].any() or categories["shrinking"].any(), "no voxel changes volume by 20%: nothing to colour"
+    # A registration need not keep volume anywhere (the shipped model shrinks this pair's MR by
+    # about 0.76 overall), so the table's centre is checked on the table itself, and rendered
+    # pixels on every kind of voxel the registration has.
+    neutral = lut_rgb(jacobian, np.array([1.0]))[0]
+    assert neutral.min() > 240 and np.ptp(neutral) < 10, neutral
+    assert any(mask.any() for mask in categories.values()), "no voxel with a distinctive colour"
     # Axial planes of voxels: the one richest in the rarest colour (with folding if one can be),
     # then, for any kind of voxel it lacks, the plane with the most of that kind.
     per_plane = {name: mask.sum(axis=(1, 2)) for name, mask in categories.items()}
     present = [name for name in ("neutral", "growing", "shrinking") if categories[name].any()]
-    score = np.minimum.reduce([per_plane[name] for name in present])
+    score = np.minimum.reduce([per_plane[name] for name in present]) if present else per_plane["folding"]
     folds = per_plane["folding"] > 0
     if (folds & (score > 0)).any():
         score = np.where(folds, score, -1)
-    planes = [int(np.argmax(score)) if score.max() > 0 else int(np.argmax(per_plane["neutral"]))]
+    planes = [int(np.argmax(score))]
     for name in categories:
         if per_plane[name].any() and not any(per_plane[name][k] for k in planes):
             planes.append(int(np.argmax(per_plane[name])))
@@ -417,7 +421,8 @@ def test_jacobian_colours(shown, artifacts_dir):
             inside = ~np.isnan(values)
             close = np.abs(interpolated - lut_rgb(jacobian, np.nan_to_num(values))).max(axis=-1) <= 12
             assert close[inside].mean() > 0.97
-            assert interpolated[inside].std() > 20, "the Jacobian map is blank"
+            # not blank: coloured (not the black background) and varying with det J
+            assert interpolated[inside].mean() > 100 and interpolated[inside].std() > 5, "the Jacobian map is blank"
     finally:
         view.set_slice_value(offset)
     assert all(checked[name] for name in categories if categories[name].any()), checked
