@@ -85,7 +85,7 @@ def run(root, simulations, models: Path, out: Path, split: str = "test", configs
 
 
 def ship(results: Path, variant: str, name: str, dest: Path) -> Path:
-    """Copy one trained variant into `dest` as `<name>` with its held-out figures in the card.
+    """Copy a trained model into `dest` as `<name>` with its held-out figures in the card.
 
     The shipped card says where the weights came from (config, data, split, command) and
     what they measure on the test patients, from the same JSON the table was made from.
@@ -93,7 +93,8 @@ def ship(results: Path, variant: str, name: str, dest: Path) -> Path:
     from priorreg.models import load_model, save_model
 
     reports = json.loads(Path(results).read_text())
-    report = reports[variant]
+    # a Table 1 file (one report per variant), or one `priorreg evaluate --json` report
+    report = reports if "pairs" in reports else reports[variant]
     tensors, card, _ = load_model(report["model"])
     tre = [t for p in report["pairs"] for t in p.get("tre_mm", [])]
     dice = [p["dice_mean"] for p in report["pairs"] if "dice_mean" in p]
@@ -104,7 +105,7 @@ def ship(results: Path, variant: str, name: str, dest: Path) -> Path:
         "summary": report["summary"],
         "tre_median_iqr_mm": _median_iqr(tre),
         "gland_dice_median_iqr": _median_iqr(dice),
-        "baselines": {k: reports[k]["summary"] for k in ("identity", "centres") if k in reports},
-        "source": f"python -m bench regularizers (results: {Path(results).name})",
+        "baselines": {k: reports[k]["summary"] for k in ("identity", "centres") if k in reports and "pairs" not in reports},
+        "source": f"evaluation report {Path(results).name}",
     }
     return save_model(dest / f"{name}.safetensors", tensors, card)
