@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from .files import atomic_write
 
 # torch (and safetensors' torch API) are imported inside the functions that need them: the Slicer
 # panels list models and their cards before torch is installed.
@@ -53,27 +54,14 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no model named {name_or_path!r} (available: {names}; or give a .safetensors path)")
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; model files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(path: str | os.PathLike, tensors: dict, card: dict) -> Path:
     """Write `<path>.safetensors` and its card `<path>.json`, each atomically."""
     from safetensors.torch import save_file
 
     path = Path(path).with_suffix(".safetensors")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp))
-    _atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
     return path
 
 
@@ -112,7 +100,7 @@ def save_checkpoint(path: str | os.PathLike, modules: dict, optimizers: dict, me
                 tensors[f"optim.{name}.{index}.{key}"] = torch.as_tensor(value)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"meta": json.dumps(meta), "param_groups": json.dumps(groups)}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_checkpoint(path: str | os.PathLike, modules: dict, optimizers: dict) -> dict:

@@ -199,6 +199,7 @@ class Trainer:
         f = config["frame"]
         self.frame = adv.ModelFrame(tuple(f["shape"]), f["spacing"], f["margin"])
         self.fgrid, self.mgrid = self.frame.canonical(), self.frame.canonical(moving=True)
+        self.points = self.fgrid.points(device=self.device)  # every iteration samples at these
         self.data = TrainingSet(config, self.frame)
         adversarial = config["regularizer"] == "adversarial"
         self.simulated = load_simulations(config["simulations"], self.frame) if adversarial else None
@@ -242,7 +243,7 @@ class Trainer:
         idx = draw["pairs"][part].tolist()
         ch = draw["channels"][part].tolist()
         dev = self.device
-        pts = self.fgrid.points(device=dev)
+        pts = self.points
         fa, ma = draw["fixed_affine"][part].to(dev), draw["moving_affine"][part].to(dev)
         fixed_pts = adv.points_through(fa, pts)
         fixed = sample(self.data.fixed[idx].to(dev), self.fgrid, fixed_pts)
@@ -257,12 +258,8 @@ class Trainer:
         }
         if self.simulated is not None:
             sims = self.simulated[draw["simulations"][part]].to(dev)
-            batch["simulated"] = self._normalise(sims)
+            batch["simulated"] = adv.normalise_field(sims, self.field_norm)
         return batch
-
-    def _normalise(self, field: torch.Tensor) -> torch.Tensor:
-        mean = torch.as_tensor(self.field_norm["mean"], device=field.device)[None, :, None, None, None]
-        return (field - mean) / self.field_norm["std"]
 
     def step(self, t: int) -> adv.StepLosses:
         """One iteration: the discriminator once, then the registration network once."""
@@ -271,19 +268,19 @@ class Trainer:
         batch = self._batch(draw)
         local, affine = self.net_p(batch["input"])
         u = adv.full_field(local, affine, self.fgrid)
-        pts = self.fgrid.points(device=self.device)
+        pts = self.points
         warped = sample(batch["moving_labels"], self.mgrid, adv.points_through(batch["moving_affine"], pts + u.movedim(1, -1)))
         label = losses.multiscale_dice(warped, batch["fixed_labels"], self.fgrid)
         record = {}
         if self.disc is not None:
             d_loss, d_sim, d_pred = adv.discriminator_loss(
-                self.disc_p, batch["simulated"], self._normalise(local.detach()), gamma_at(c, t)
+                self.disc_p, batch["simulated"], adv.normalise_field(local.detach(), self.field_norm), gamma_at(c, t)
             )
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
             self.disc.requires_grad_(False)
-            penalty = adv.generator_loss(self.disc, self._normalise(local))
+            penalty = adv.generator_loss(self.disc, adv.normalise_field(local, self.field_norm))
             self.disc.requires_grad_(True)
             record = {"generator": penalty.item(), "discriminator": d_loss.item(), "d_simulated": d_sim, "d_predicted": d_pred}
         else:

@@ -17,12 +17,13 @@ Conventions (see ARCHITECTURE.md):
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from .files import atomic_write
 
 # Single-file formats only, so that a write can be made atomic by one rename.
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -173,16 +174,7 @@ class Volume:
         self.validate()
         image = self.to_sitk(vector=vector)
         suffix = next(s for s in _SUFFIXES if str(path).lower().endswith(s))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent, prefix=".priorreg-")
-        os.close(fd)
-        try:
-            sitk.WriteImage(image, tmp, useCompression=compress)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=compress), suffix)
 
     def __repr__(self) -> str:
         return (

@@ -29,13 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses, regularizers
-from ..data import binary_channels
 from ..models import load_model, prefixed
 from ..nets.localnet import Discriminator, RegistrationNet
 from ..registration import Monitor, RegistrationResult
 from ..spatial import Grid, affine_to_field, compose, field_volume, resample, sample
 from ..volume import Volume
-from .common import initial_translation, pick_device
+from .common import initial_translation, label_channels, pick_device
 
 REGULARIZERS = ("adversarial", "bending", "l2", "none")
 
@@ -85,15 +84,10 @@ def frame_pair(fixed, moving, frame: ModelFrame, init: str, fixed_labels=None, m
         "moving": resample(standardise(moving), mgrid).array[None],
     }
     if fixed_labels is not None:
-        out["fixed_labels"] = resample(_float_labels(fixed_labels), fgrid, mode="linear").array
-        out["moving_labels"] = resample(_float_labels(moving_labels), mgrid, mode="linear").array
+        # label channels (data.binary_channels' threshold, one-hot integer maps) resampled as floats
+        out["fixed_labels"] = resample(fixed_labels.with_array(label_channels(fixed_labels)), fgrid, mode="linear").array
+        out["moving_labels"] = resample(moving_labels.with_array(label_channels(moving_labels)), mgrid, mode="linear").array
     return out
-
-
-def _float_labels(labels: Volume) -> Volume:
-    """4D soft labels thresholded once (data.binary_channels), as float32 channels for resampling."""
-    binary = binary_channels(labels) if labels.array.ndim == 4 else labels.with_array((labels.array > 0)[None])
-    return binary.with_array(binary.array.astype(np.float32))
 
 
 # ------------------------------------------------------------------------------- the network's maps
@@ -138,6 +132,12 @@ def discriminator_loss(disc, simulated: torch.Tensor, predicted: torch.Tensor, g
         omega = ((1 - torch.sigmoid(real)) ** 2 * norm2[:n]).mean() + (torch.sigmoid(fake) ** 2 * norm2[n:]).mean()
         loss = loss + 0.5 * gamma * omega
     return loss, torch.sigmoid(real).mean().item(), torch.sigmoid(fake).mean().item()
+
+
+def normalise_field(field: torch.Tensor, field_norm: dict) -> torch.Tensor:
+    """Local fields as the discriminator sees them: the simulated fields' mean and std (the card's)."""
+    mean = torch.as_tensor(field_norm["mean"], dtype=field.dtype, device=field.device)[None, :, None, None, None]
+    return (field - mean) / field_norm["std"]
 
 
 def generator_loss(disc, predicted: torch.Tensor) -> torch.Tensor:
@@ -285,9 +285,7 @@ def finetune(model: LoadedModel, pair: dict, steps: int, lr: float, similarity: 
         if similarity is not None:
             loss = loss + similarity_loss(similarity, pair["fixed"], sample(pair["moving"], mcan, moved), fcan)
         if model.disc is not None:
-            norm = model.card["field_norm"]
-            mean = torch.as_tensor(norm["mean"], device=local.device)[None, :, None, None, None]
-            loss = loss + lambda_adv * generator_loss(model.disc, (local - mean) / norm["std"])
+            loss = loss + lambda_adv * generator_loss(model.disc, normalise_field(local, model.card["field_norm"]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

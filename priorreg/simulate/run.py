@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -35,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from ..grid import Grid
 from ..jacobian import jacobian_determinant
 from ..volume import Volume
@@ -216,12 +215,4 @@ def _write_field(field: Volume, path: Path) -> None:
 
 
 def _write_json(record: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent, prefix=".priorreg-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"), ".json")
