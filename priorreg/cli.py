@@ -1,4 +1,4 @@
-"""The `priorreg` command line: register, warp, evaluate-field, evaluate, train, simulate.
+"""The `priorreg` command line: register, warp, score, evaluate-field, evaluate, train, simulate.
 
 Every command reads and writes files through `Volume` (geometry kept), validates
 all inputs before writing anything, and reports errors as one line naming the
@@ -24,6 +24,9 @@ from .registration import Cancelled, Progress, register
 from .simulate import cli as simulate_cli
 from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
+
+
+DEFAULT_MODELS = {"adversarial": "adversarial_mrus", "airnet": "airnet_mrus"}  # --method -> shipped model
 
 
 def _progress_bar(total_desc: str):
@@ -67,8 +70,8 @@ def _method_options(args) -> dict:
     """Options every learned or optimised method takes: the device, and the model file for networks."""
     if args.method in ("iterative", "dip"):
         return {"device": args.device}
-    if args.method == "adversarial":
-        return {"device": args.device, "model": args.model}
+    if args.method in DEFAULT_MODELS:
+        return {"device": args.device, "model": args.model or DEFAULT_MODELS[args.method]}
     return {}
 
 
@@ -104,6 +107,8 @@ def cmd_register(args) -> int:
         if args.similarity:  # each method has its own default
             options["similarity"] = args.similarity
         options.update(_driving_labels(args, fixed_labels, moving_labels))
+    elif args.method == "airnet":
+        options["passes"] = args.passes
     elif args.method == "adversarial" and args.finetune_steps:
         options.update(finetune_steps=args.finetune_steps, similarity=args.similarity)
         options.update(_driving_labels(args, fixed_labels, moving_labels))
@@ -161,16 +166,50 @@ def cmd_evaluate(args) -> int:
         shown = {k: round(v, 3) for k, v in row.items() if isinstance(v, float) and k != "seconds"}
         print(f"[{index + 1}/{total}] {row['id']}: {shown}", file=sys.stderr)
 
+    if args.task == "quality":
+        from .quality import evaluate_quality
+
+        def on_scored(index, total, row):
+            print(f"[{index + 1}/{total}] {row['id']}: scored", file=sys.stderr)
+
+        report = evaluate_quality(args.data_root, args.split, args.per_pair, args.seed, args.model or "airnet_mrus", on_scored)
+        _write_json(report, args.json)
+        print(json.dumps(report["summary"], indent=2))
+        return 0
     options = _method_options(args)
     report = evaluate_task(
         args.task, args.method, args.data_root, args.pairs, args.split, args.seed, options, on_pair
     )
-    if args.method == "adversarial":
+    if "model" in options:
         from .models import resolve_model
 
-        report["model"] = str(resolve_model(args.model))
+        report["model"] = str(resolve_model(options["model"]))
     _write_json(report, args.json)
     print(json.dumps(report["summary"], indent=2))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .quality import QualityModel, quality_report
+
+    fixed, warped = Volume.read(args.fixed), Volume.read(args.warped)
+    field = read_field(args.field) if args.field else None
+    inverse = read_field(args.inverse_field) if args.inverse_field else None
+    if (args.fixed_labels is None) != (args.warped_labels is None):
+        raise VolumeError("give both --fixed-labels and --warped-labels, or neither")
+    fixed_labels = Volume.read(args.fixed_labels) if args.fixed_labels else None
+    warped_labels = Volume.read(args.warped_labels) if args.warped_labels else None
+    if field is not None and not Grid.of(field).matches(fixed):
+        raise VolumeError(f"{args.field}: a displacement field must lie on the fixed image's grid ({args.fixed})")
+    plausibility = None if args.plausibility == "none" else args.plausibility
+    model = QualityModel(args.model, plausibility, args.device)
+    report = quality_report(fixed, warped, field, inverse, fixed_labels, warped_labels, model)
+    report.update(fixed=str(args.fixed), warped=str(args.warped), model=str(model.airnet.path), versions=versions())
+    _write_json(report, args.json)
+    low, high = report["tre_interval_mm"]
+    print(f"{report['verdict']}: estimated TRE {report['tre_estimate_mm']:.1f} mm (80% interval {low:.1f} to {high:.1f}), D-score {report['d_score']:.4f}")
+    for reason in report["reasons"]:
+        print(f"  {reason}")
     return 0
 
 
@@ -229,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-steps", type=int, default=0,
         help="adversarial: fine-tune a copy of the network on this pair first (with --label-channels and/or --similarity)",
     )  # fmt: skip
-    r.add_argument("--model", default="adversarial_mrus", help="trained model name or .safetensors path (--method adversarial)")
+    r.add_argument("--model", help="trained model name or .safetensors path (default: adversarial_mrus, airnet_mrus)")
+    r.add_argument("--passes", type=int, default=1, help="airnet: generator passes, each undoing the remaining misalignment")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=cmd_register)
 
@@ -240,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation (label maps)")
     w.add_argument("--out", required=True)
     w.set_defaults(func=cmd_warp)
+
+    q = sub.add_parser("score", help="quality report of a registered pair: D-score, estimated TRE (mm), verdict")
+    q.add_argument("--fixed", required=True)
+    q.add_argument("--warped", required=True, help="the moving image after registration (any grid; resampled onto the fixed)")
+    q.add_argument("--field", help="the registration's displacement field on the fixed grid: Jacobian, plausibility")
+    q.add_argument("--inverse-field", help="the inverse field on the moving grid: inverse consistency")
+    q.add_argument("--fixed-labels")
+    q.add_argument("--warped-labels", help="moving labels after registration: Dice")
+    q.add_argument("--model", default="airnet_mrus", help="AIR-net model whose critic scores (name or .safetensors)")
+    q.add_argument("--plausibility", default="adversarial_mrus", help="adversarial model whose discriminator judges the field, or none")
+    q.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    q.add_argument("--json", help="write the report here instead of standard output")
+    q.set_defaults(func=cmd_score)
 
     e = sub.add_parser("evaluate-field", help="metrics of a given field on a given pair, as JSON")
     e.add_argument("--fixed", required=True)
@@ -252,13 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate_field)
 
     v = sub.add_parser("evaluate", help="register and score every pair of a shared data set")
-    v.add_argument("--task", required=True, choices=sorted(TASKS))
+    v.add_argument("--task", required=True, choices=sorted([*TASKS, "quality"]), help="quality: the critic's score against known MR-US errors")
     v.add_argument("--method", default="identity", choices=sorted(METHODS))
     v.add_argument("--pairs", type=int, help="a seeded sample of N pairs")
     v.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    v.add_argument("--model", default="adversarial_mrus", help="trained model name or .safetensors path (--method adversarial)")
+    v.add_argument("--model", help="trained model name or .safetensors path (default: adversarial_mrus, airnet_mrus)")
+    v.add_argument("--per-pair", type=int, default=20, help="quality: known-error alignments scored per pair")
     v.add_argument("--json", help="write the full report here")
     v.set_defaults(func=cmd_evaluate)
 

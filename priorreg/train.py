@@ -86,8 +86,14 @@ def _merge(defaults: dict, given: dict, where: str = "") -> dict:
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> dict:
-    """DEFAULTS updated by the YAML file, then by `overrides` (top-level keys)."""
+    """The method's defaults (`method:` adversarial or airnet) updated by the YAML file, then by `overrides`."""
     given = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    if given.get("method") == "airnet":
+        from . import train_airnet
+
+        return train_airnet.check_config(_merge(train_airnet.DEFAULTS, {**given, **overrides}))
+    if given.get("method", "adversarial") != "adversarial":
+        raise ConfigError(f"method must be 'adversarial' or 'airnet', got {given['method']!r}")
     config = _merge(DEFAULTS, {**given, **overrides})
     if config["regularizer"] not in adv.REGULARIZERS:
         raise ConfigError(f"regularizer must be one of {adv.REGULARIZERS}, got {config['regularizer']!r}")
@@ -182,8 +188,15 @@ def gamma_at(config: dict, t: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- training
-class Trainer:
-    """One process's share of a (possibly distributed) training run; `run()` trains to the end."""
+class TrainingRun:
+    """The loop every trainer shares: processes, resume, logs, checkpoints, the model file.
+
+    A subclass builds its networks in `setup()` (filling `modules`, `optims`, `card`, and
+    `data.groups` / `data.train_ids`), and defines `step(t)` (returning a dataclass of
+    floats, logged as columns), `validate()` and `LOG_COLUMNS`.
+    """
+
+    LOG_COLUMNS: list[str] = []
 
     def __init__(self, config: dict, out: str | os.PathLike, progress=None):
         self.config, self.out, self.progress = config, Path(out), progress
@@ -200,13 +213,114 @@ class Trainer:
         self.frame = adv.ModelFrame(tuple(f["shape"]), f["spacing"], f["margin"])
         self.fgrid, self.mgrid = self.frame.canonical(), self.frame.canonical(moving=True)
         self.points = self.fgrid.points(device=self.device)  # every iteration samples at these
+        torch.manual_seed(config["seed"])
+        self.modules: dict = {}
+        self.optims: dict = {}
+        self.setup()
+        self.start, self.seconds = 0, 0.0
+        checkpoint = self.out / "checkpoint.safetensors"
+        if checkpoint.exists():
+            meta = load_checkpoint(checkpoint, self.modules, self.optims)
+            if meta["config"] != {**config, "iterations": meta["config"]["iterations"]}:
+                raise ConfigError(f"{checkpoint} was written with another config; use a new --out or delete it")
+            self.start, self.seconds = meta["iteration"], meta["seconds"]
+        self.writer = self._tensorboard() if self.rank == 0 else None
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def wrap(self, module):
+        """`module` as this process uses it: DistributedDataParallel under torchrun."""
+        return DistributedDataParallel(module) if self.world > 1 else module
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional; log.csv has the same numbers
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start + 1)
+
+    def mean_over_ranks(self, losses_t):
+        """The logged figures of the global batch, not only rank 0's share."""
+        if self.world == 1:
+            return losses_t
+        values = torch.tensor(list(vars(losses_t).values()), dtype=torch.float64)
+        dist.all_reduce(values)
+        return type(losses_t)(*(values / self.world).tolist())
+
+    def run(self) -> dict:
+        c = self.config
+        log = self.out / "log.csv"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _truncate_log(log, self.start, self.LOG_COLUMNS)
+        began = time.perf_counter() - self.seconds
+        last: dict = {}
+        for t in range(self.start, c["iterations"]):
+            losses_t = self.mean_over_ranks(self.step(t))
+            it = t + 1
+            row = {"iteration": it, "seconds": round(time.perf_counter() - began, 3), **self.log_extra(t), **vars(losses_t)}
+            validated = self.rank == 0 and c["validate_every"] and (it % c["validate_every"] == 0 or it == c["iterations"])
+            if validated:
+                row.update(self.validate())
+            if self.rank == 0:
+                _append_log(log, row, self.LOG_COLUMNS)
+                if self.writer is not None:
+                    for k, v in row.items():
+                        if k != "iteration" and isinstance(v, float) and math.isfinite(v):
+                            self.writer.add_scalar(k, v, it)
+                if self.progress is not None and (it % c["log_every"] == 0 or it == c["iterations"] or validated):
+                    self.progress(row, c["iterations"])
+            if self.rank == 0 and (it % c["checkpoint_every"] == 0 or it == c["iterations"]):
+                meta = {"iteration": it, "seconds": row["seconds"], "config": c}
+                save_checkpoint(self.out / "checkpoint.safetensors", self.modules, self.optims, meta)
+            last = row
+        if self.rank == 0:
+            self.save_model(last)
+        if self.world > 1:
+            dist.barrier()
+        return last
+
+    def log_extra(self, t: int) -> dict:
+        """Schedule values logged with iteration `t` (none by default)."""
+        return {}
+
+    def training_card(self, last: dict) -> dict:
+        """The card's `training` entry: data, split, config, command, final figures."""
+        return {
+            "data": "mrus_prostate (shared data; see ../shared/data/README.md)",
+            "patients": self.data.groups,
+            "train_pairs": self.data.train_ids,
+            "config": self.config,
+            "command": " ".join(["priorreg", *sys.argv[1:]]) if sys.argv else None,
+            "processes": self.world,
+            "iterations": last.get("iteration"),
+            "seconds": last.get("seconds"),
+            "final_log": {k: v for k, v in last.items() if isinstance(v, (int, float))},
+        }
+
+    def save_model(self, last: dict) -> None:
+        tensors = {f"{name}.{k}": v for name, m in self.modules.items() for k, v in m.state_dict().items()}
+        card = {**self.card, "training": self.training_card(last)}
+        save_model(self.out / f"{self.config['name']}.safetensors", tensors, card)
+
+
+class Trainer(TrainingRun):
+    """The adversarial method's trainer (seed 000): registration network and discriminator."""
+
+    LOG_COLUMNS = [
+        "iteration", "seconds", "gamma", "label", "regularizer", "generator", "discriminator",
+        "d_simulated", "d_predicted", "val_tre_median_mm", "val_dice",
+    ]  # fmt: skip
+
+    def setup(self) -> None:
+        config = self.config
         self.data = TrainingSet(config, self.frame)
         adversarial = config["regularizer"] == "adversarial"
         self.simulated = load_simulations(config["simulations"], self.frame) if adversarial else None
         self.field_norm = (
             {"mean": self.simulated.mean((0, 2, 3, 4)).tolist(), "std": float(self.simulated.std())} if adversarial else None
         )
-        torch.manual_seed(config["seed"])
         n = config["network"]
         self.card = adv.model_card(self.frame, n["n0"], n["depth"], adversarial, config["data"]["init"], self.field_norm)
         self.net, self.disc = adv.build_networks(self.card)
@@ -217,24 +331,11 @@ class Trainer:
             self.disc.to(self.device)
             self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config["lr"])
             self.modules["discriminator"], self.optims["discriminator"] = self.disc, self.opt_d
-        self.start, self.seconds = 0, 0.0
-        checkpoint = self.out / "checkpoint.safetensors"
-        if checkpoint.exists():
-            meta = load_checkpoint(checkpoint, self.modules, self.optims)
-            if meta["config"] != {**config, "iterations": meta["config"]["iterations"]}:
-                raise ConfigError(f"{checkpoint} was written with another config; use a new --out or delete it")
-            self.start, self.seconds = meta["iteration"], meta["seconds"]
-        wrap = (lambda m: DistributedDataParallel(m)) if self.world > 1 else (lambda m: m)
-        self.net_p = wrap(self.net)
-        self.disc_p = wrap(self.disc) if self.disc is not None else None
-        self.writer = self._tensorboard() if self.rank == 0 else None
+        self.net_p = self.wrap(self.net)
+        self.disc_p = self.wrap(self.disc) if self.disc is not None else None
 
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional; log.csv has the same numbers
-            return None
-        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start + 1)
+    def log_extra(self, t: int) -> dict:
+        return {"gamma": gamma_at(self.config, t)}
 
     def _batch(self, draw: dict) -> dict:
         """This rank's slice of the drawn global batch, augmented, on the device."""
@@ -290,13 +391,7 @@ class Trainer:
         loss.backward()
         self.opt_g.step()
         losses_t = adv.StepLosses(label=label.item(), regularizer=penalty.item(), **record)
-        return self._mean_over_ranks(losses_t) if self.world > 1 else losses_t
-
-    def _mean_over_ranks(self, losses_t: adv.StepLosses) -> adv.StepLosses:
-        """The logged figures of the global batch, not only rank 0's share."""
-        values = torch.tensor(list(vars(losses_t).values()), dtype=torch.float64)
-        dist.all_reduce(values)
-        return adv.StepLosses(*(values / self.world).tolist())
+        return losses_t
 
     def validate(self) -> dict:
         """Median landmark TRE and mean gland Dice on the validation patients (images only)."""
@@ -311,61 +406,17 @@ class Trainer:
         s = summarise(rows)
         return {"val_tre_median_mm": s.get("tre_median_mm", math.nan), "val_dice": s.get("dice_mean", math.nan)}
 
-    def run(self) -> dict:
+    def training_card(self, last: dict) -> dict:
         c = self.config
-        log = self.out / "log.csv"
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            _truncate_log(log, self.start)
-        began = time.perf_counter() - self.seconds
-        last: dict = {}
-        for t in range(self.start, c["iterations"]):
-            losses_t = self.step(t)
-            it = t + 1
-            row = {"iteration": it, "seconds": round(time.perf_counter() - began, 3), "gamma": gamma_at(c, t), **vars(losses_t)}
-            if self.rank == 0 and c["validate_every"] and (it % c["validate_every"] == 0 or it == c["iterations"]):
-                row.update(self.validate())
-            if self.rank == 0:
-                _append_log(log, row)
-                if self.writer is not None:
-                    for k, v in row.items():
-                        if k != "iteration" and isinstance(v, float) and math.isfinite(v):
-                            self.writer.add_scalar(k, v, it)
-                if self.progress is not None and (it % c["log_every"] == 0 or it == c["iterations"] or "val_dice" in row):
-                    self.progress(row, c["iterations"])
-            if self.rank == 0 and (it % c["checkpoint_every"] == 0 or it == c["iterations"]):
-                meta = {"iteration": it, "seconds": row["seconds"], "config": c}
-                save_checkpoint(self.out / "checkpoint.safetensors", self.modules, self.optims, meta)
-            last = row
-        if self.rank == 0:
-            self._save_model(last)
-        if self.world > 1:
-            dist.barrier()
-        return last
-
-    def _save_model(self, last: dict) -> None:
-        tensors = {f"{name}.{k}": v for name, m in self.modules.items() for k, v in m.state_dict().items()}
-        card = {
-            **self.card,
-            "training": {
-                "data": "mrus_prostate (shared data; see ../shared/data/README.md)",
-                "labels": self.config["data"]["labels"],
-                "patients": self.data.groups,
-                "train_pairs": self.data.train_ids,
-                "simulations": str(self.config["simulations"]) if self.config["simulations"] else None,
-                "n_simulations": 0 if self.simulated is None else len(self.simulated),
-                "config": self.config,
-                "command": " ".join(["priorreg", *sys.argv[1:]]) if sys.argv else None,
-                "processes": self.world,
-                "iterations": last.get("iteration"),
-                "seconds": last.get("seconds"),
-                "final_log": {k: v for k, v in last.items() if isinstance(v, (int, float))},
-            },
+        return {
+            **super().training_card(last),
+            "labels": c["data"]["labels"],
+            "simulations": str(c["simulations"]) if c["simulations"] else None,
+            "n_simulations": 0 if self.simulated is None else len(self.simulated),
         }
-        save_model(self.out / f"{self.config['name']}.safetensors", tensors, card)
 
 
-def _truncate_log(log: Path, iteration: int) -> None:
+def _truncate_log(log: Path, iteration: int, columns: list[str]) -> None:
     """Drop log rows after the checkpoint we resume from (they will be recomputed)."""
     if not log.exists():
         return
@@ -373,25 +424,23 @@ def _truncate_log(log: Path, iteration: int) -> None:
         rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= iteration]
     log.unlink()
     for r in rows:
-        _append_log(log, r)
+        _append_log(log, r, columns)
 
 
-LOG_COLUMNS = [
-    "iteration", "seconds", "gamma", "label", "regularizer", "generator", "discriminator",
-    "d_simulated", "d_predicted", "val_tre_median_mm", "val_dice",
-]  # fmt: skip
-
-
-def _append_log(log: Path, row: dict) -> None:
+def _append_log(log: Path, row: dict, columns: list[str]) -> None:
     new = not log.exists()
     with log.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         if new:
             w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+        w.writerow({k: row.get(k, "") for k in columns})
 
 
 def train(config: dict, out, progress=None) -> dict:
     """Train (or resume) to `config['iterations']`; returns the last log row."""
+    if config["method"] == "airnet":
+        from .train_airnet import AirnetTrainer
+
+        return AirnetTrainer(config, out, progress).run()
     return Trainer(config, out, progress).run()
 

@@ -5,6 +5,7 @@ options a method does not use are ignored by the baselines and rejected by the o
 """
 
 from .adversarial import register_adversarial
+from .airnet import register_airnet
 from .baselines import register_centres, register_identity
 from .dip import register_dip
 from .iterative import register_iterative
@@ -15,4 +16,5 @@ METHODS = {
     "iterative": register_iterative,
     "dip": register_dip,
     "adversarial": register_adversarial,
+    "airnet": register_airnet,
 }

@@ -202,7 +202,7 @@ class LoadedModel:
         return cls(net, disc, card, device, path)
 
 
-def _to_fixed_grid(u_model: torch.Tensor, fixed: Grid, fgrid: Grid, cf, cm) -> Volume:
+def to_fixed_grid(u_model: torch.Tensor, fixed: Grid, fgrid: Grid, cf, cm) -> Volume:
     """Model-frame field -> LPS mm displacement on the fixed image's own grid."""
     direction = torch.as_tensor(fgrid.direction, dtype=u_model.dtype)
     shift = torch.as_tensor(cm - cf, dtype=u_model.dtype)
@@ -259,7 +259,7 @@ def register_adversarial(
         m_in = sample(pair["moving"], mcan, fcan.points(device=model.device)[None])
         local, affine = net(torch.cat([pair["fixed"], m_in], dim=1))
         u = full_field(local, affine, fcan)
-    field = _to_fixed_grid(u, fg, model.frame.physical(cf, fg.direction), cf, cm)
+    field = to_fixed_grid(u, fg, model.frame.physical(cf, fg.direction), cf, cm)
     monitor.tick("inference", float("nan"))
     name = "adversarial+finetune" if finetune_steps else "adversarial"
     return RegistrationResult.from_field(field, moving, name, monitor.elapsed, moving_labels, monitor.history)

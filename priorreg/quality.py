@@ -1,0 +1,294 @@
+"""How much to trust a registration: the quality report of any registered pair.
+
+For a fixed image and a warped moving image on any grid (from PriorReg, elastix, ANTs, by
+hand), and the displacement field when there is one, the report holds:
+- `d_score`: AIR-net's critic score of the pair (seed 001; higher is better aligned);
+- `tre_estimate_mm` with an 80% interval: the D-score through a monotone calibration fitted
+  on validation patients (isotonic regression of landmark TRE on the score, stored in the
+  critic's model card with the residual quantiles that make the interval);
+- `verdict`: "good", "check" or "failed", from the estimate and the card's thresholds, and
+  `reasons` when a check outside the critic decided it (an empty or constant warped image,
+  a warped image that misses the fixed field of view, folding);
+- with a field: Jacobian statistics, and the adversarial-regularization discriminator's
+  plausibility of its local part (seed 000's prior: the probability that the non-affine
+  part of the field looks like a simulated, biomechanically plausible one);
+- with the inverse field: inverse consistency (mm); with labels: their Dice overlap.
+
+`evaluate_quality` measures all of this against known errors: on every MR-US pair of a
+split, perturbed alignments of known TRE around the label-driven reference alignment
+(`priorreg.reference`) are scored, and Spearman correlation, AUROC for TRE > 5 mm and the
+estimate's error are reported. `calibrate` fits the calibration the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import isotonic_regression
+from scipy.stats import rankdata, spearmanr
+
+from . import data, metrics
+from .files import atomic_write
+from .jacobian import jacobian_stats
+from .methods import airnet as air
+from .methods.adversarial import frame_centres
+from .reference import cached_reference, reference_field
+from .spatial import Grid, field_tensor, field_volume, resample, sample
+from .volume import Volume
+
+VERDICTS = ("good", "check", "failed")
+THRESHOLDS_MM = {"good": 4.0, "failed": 7.0}  # estimate <= good: good; > failed: failed; else check
+TRE_THRESHOLD_MM = 5.0  # what AUROC detects: the clinically relevant targeting error for MR-TRUS biopsy
+INTERVAL = (10, 90)  # percentiles of the calibration residuals: an 80% interval
+MIN_OVERLAP = 0.5  # the warped image must cover this fraction of the fixed field of view
+
+
+# --------------------------------------------------------------------------------- agreement
+def agreement(scores, tre, threshold: float = TRE_THRESHOLD_MM) -> dict:
+    """How well scores rank errors: Spearman(score, TRE) (negative is right) and AUROC of -score for TRE > threshold."""
+    s, t = np.asarray(scores, float), np.asarray(tre, float)
+    ok = np.isfinite(s) & np.isfinite(t)
+    s, t = s[ok], t[ok]
+    bad = t > threshold
+    if bad.all() or not bad.any():
+        auroc = float("nan")
+    else:  # Mann-Whitney: the chance a bad alignment scores below a good one
+        ranks = rankdata(-s)
+        auroc = (ranks[bad].sum() - bad.sum() * (bad.sum() + 1) / 2) / (bad.sum() * (~bad).sum())
+    return {"spearman": float(spearmanr(s, t).statistic) if len(s) > 2 else float("nan"), "auroc": float(auroc)}
+
+
+# ------------------------------------------------------------------------------- calibration
+def fit_calibration(scores, tre) -> dict:
+    """Isotonic (non-increasing) TRE of D-score, and residual quantiles for the interval."""
+    s, t = np.asarray(scores, float), np.asarray(tre, float)
+    order = np.argsort(s)
+    fitted = isotonic_regression(t[order], increasing=False).x
+    residual = t[order] - fitted
+    low, high = np.percentile(residual, INTERVAL)
+    return {
+        "score": s[order].tolist(),
+        "tre_mm": fitted.tolist(),
+        "interval_mm": [float(low), float(high)],
+        "n": int(len(s)),
+        "fitted_on": "validation patients",
+    }
+
+
+def estimate_tre(calibration: dict, score: float) -> tuple[float, float, float]:
+    """The calibrated TRE (mm) of a D-score and its 80% interval (never below 0)."""
+    est = float(np.interp(score, calibration["score"], calibration["tre_mm"]))
+    low, high = calibration["interval_mm"]
+    return est, max(0.0, est + low), est + high
+
+
+def verdict(estimate_mm: float, thresholds: dict = THRESHOLDS_MM) -> str:
+    if estimate_mm <= thresholds["good"]:
+        return "good"
+    return "failed" if estimate_mm > thresholds["failed"] else "check"
+
+
+# ------------------------------------------------------------------------------------ scoring
+class QualityModel:
+    """The critic (and calibration) of an AIR-net model, and optionally seed 000's discriminator."""
+
+    def __init__(self, model="airnet_mrus", plausibility="adversarial_mrus", device: str = "cpu"):
+        self.airnet = air.LoadedAirNet.load(model, device)
+        self.calibration = self.airnet.card.get("calibration")
+        self.thresholds = self.airnet.card.get("thresholds_mm", THRESHOLDS_MM)
+        self.adversarial = None
+        if plausibility:
+            from .methods.adversarial import LoadedModel
+
+            loaded = LoadedModel.load(plausibility, device)
+            self.adversarial = loaded if loaded.disc is not None else None
+
+    def d_score(self, fixed: Volume, warped: Volume) -> float:
+        f, w = air.on_fixed_frame(fixed, warped, self.airnet.frame)
+        return float(self.airnet.score(f, w)[0])
+
+    def plausibility(self, field: Volume) -> float:
+        """Seed 000's discriminator on the field's local (non-affine) part, in its model frame: P(simulated)."""
+        model = self.adversarial
+        fg = Grid.of(field)
+        grid = model.frame.physical(fg.center, fg.direction)
+        pts = grid.points(torch.float64)
+        u = sample(field_tensor(field, torch.float64), fg, pts[None], padding="border")[0]  # [3, K, J, I] LPS
+        u = torch.einsum("ba,bkji->akji", torch.as_tensor(fg.direction), u)  # model axes
+        x = model.frame.canonical().points(torch.float64).reshape(-1, 3)
+        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        y = u.reshape(3, -1).T
+        affine_part = design @ torch.linalg.lstsq(design, y).solution
+        local = (y - affine_part).T.reshape(1, *u.shape).float()
+        from .methods.adversarial import normalise_field
+
+        with torch.no_grad():
+            logit = model.disc(normalise_field(local.to(model.device), model.card["field_norm"]))
+        return float(torch.sigmoid(logit).item())
+
+
+def _image_checks(fixed: Volume, warped: Volume) -> list[str]:
+    """Problems no score should be asked about: an empty or constant warped image, no overlap."""
+    on_fixed = resample(warped.with_array(warped.array.astype(np.float32)), fixed).array
+    reasons = []
+    if not np.any(on_fixed):
+        reasons.append("the warped image is empty (all zero) on the fixed grid")
+    elif float(on_fixed.std()) < 1e-6 * max(1.0, float(np.abs(on_fixed).max())):
+        reasons.append("the warped image is constant on the fixed grid")
+    else:
+        inside = resample(warped.with_array(np.ones(warped.array.shape, np.float32)), fixed).array
+        if float(inside.mean()) < MIN_OVERLAP:
+            reasons.append(f"the warped image covers only {100 * inside.mean():.0f}% of the fixed field of view")
+    return reasons
+
+
+def inverse_consistency(field: Volume, inverse: Volume) -> float:
+    """Mean |phi_inv(phi(x)) - x| (mm) over the fixed grid; `inverse` lies on the moving grid."""
+    fg = Grid.of(field)
+    pts = fg.points(torch.float64).reshape(-1, 3)
+    mapped = pts + sample(field_tensor(field, torch.float64), fg, pts[None], padding="border")[0].T
+    back = mapped + sample(field_tensor(inverse, torch.float64), Grid.of(inverse), mapped[None], padding="border")[0].T
+    return float((back - pts).norm(dim=1).mean())
+
+
+def label_overlap(fixed_labels: Volume, warped_labels: Volume) -> float:
+    """Mean Dice of the labels (4D channels thresholded at 0.5, or an integer map)."""
+    if fixed_labels.array.ndim == 4:
+        f, w = data.binary_channels(fixed_labels).array, data.binary_channels(warped_labels).array
+        values = [metrics.dice(f[c], w[c], labels=[1])[1] for c in range(f.shape[0])]
+    else:
+        values = list(metrics.dice(fixed_labels.array, warped_labels.array).values())
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def quality_report(
+    fixed: Volume,
+    warped: Volume,
+    field: Volume | None = None,
+    inverse_field: Volume | None = None,
+    fixed_labels: Volume | None = None,
+    warped_labels: Volume | None = None,
+    model: "QualityModel | str" = "airnet_mrus",
+) -> dict:
+    """The quality report of one registered pair (see the module docstring); a flat JSON-able dict."""
+    start = time.perf_counter()
+    q = model if isinstance(model, QualityModel) else QualityModel(model)
+    if field is not None and not Grid.of(field).matches(fixed):
+        raise ValueError("the displacement field must lie on the fixed image's grid")
+    report: dict = {"d_score": q.d_score(fixed, warped), "reasons": _image_checks(fixed, warped)}
+    if q.calibration:
+        est, low, high = estimate_tre(q.calibration, report["d_score"])
+        report.update(tre_estimate_mm=est, tre_interval_mm=[low, high], verdict=verdict(est, q.thresholds))
+    else:
+        report.update(tre_estimate_mm=float("nan"), tre_interval_mm=[float("nan")] * 2, verdict="check")
+        report["reasons"].append("the critic's model card has no calibration: no TRE estimate")
+    if field is not None:
+        report.update(jacobian_stats(field))
+        if report["folding_pct"] > 0:
+            report["reasons"].append(f"the field folds ({report['folding_pct']:.2f}% of voxels have det J <= 0)")
+        if q.adversarial is not None:
+            report["plausibility"] = q.plausibility(field)
+    if inverse_field is not None and field is not None:
+        report["inverse_consistency_mm"] = inverse_consistency(field, inverse_field)
+    if fixed_labels is not None and warped_labels is not None:
+        report["dice_mean"] = label_overlap(fixed_labels, warped_labels)
+    if any("image" in r for r in report["reasons"]):
+        report["verdict"] = "failed"
+    elif report["reasons"] and report["verdict"] == "good":
+        report["verdict"] = "check"
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+# ------------------------------------------------------------------------ known-error samples
+def perturbed_field(fixed: Volume, moving: Volume, reference: Volume, matrix: torch.Tensor, frame, init: str) -> Volume:
+    """Field on the fixed grid of `reference o P`, with `P` a `[3, 4]` map in the model frame's coordinates."""
+    fg = Grid.of(fixed)
+    cf, _ = frame_centres(fg, Grid.of(moving), init)
+    d = torch.as_tensor(fg.direction)
+    c = torch.as_tensor(cf)
+    pts = fg.points(torch.float64).reshape(-1, 3)
+    m = matrix.double()
+    q = ((pts - c) @ d) @ m[:, :3].T + m[:, 3]  # model coordinates, through P
+    q = q @ d.T + c  # back to LPS
+    u_ref = sample(field_tensor(reference, torch.float64), fg, q[None], padding="border")[0].T
+    u = (q + u_ref - pts).T.reshape(1, 3, *fg.shape)
+    return field_volume(u, fg)
+
+
+def known_error_samples(pair: data.Pair, model: air.LoadedAirNet, per_pair: int, seed: int):
+    """`per_pair` perturbations of the pair's reference alignment: (field, warped, TRE rms mm) each."""
+    v = pair.load()
+    frame, init = model.frame, model.card["preprocessing"]["init"]
+    ref = reference_field(v.fixed, v.moving, cached_reference(pair, frame, init), frame, init)
+    p = model.card["perturbation"]
+    g = torch.Generator().manual_seed(seed)
+    params = air.random_perturbations(g, per_pair, "rigid", p["rotation_deg"], p["translation_mm"])
+    for matrix in air.transform_matrix(params, "rigid"):
+        field = perturbed_field(v.fixed, v.moving, ref, matrix, frame, init)
+        tre = metrics.landmark_tre(field, v.fixed_labels, v.moving_labels)["rms"]
+        yield v, field, resample(v.moving, v.fixed, field), tre
+
+
+def _score_pairs(pairs, q: QualityModel, per_pair: int, seed: int, on_pair=None) -> list[dict]:
+    rows = []
+    for index, pair in enumerate(pairs):
+        for k, (v, field, warped, tre) in enumerate(known_error_samples(pair, q.airnet, per_pair, seed + index)):
+            rows.append({"id": pair.id, "sample": k, "tre_mm": tre, "d_score": q.d_score(v.fixed, warped)})
+        if on_pair is not None:
+            on_pair(index, len(pairs), rows[-1])
+    return rows
+
+
+def calibrate(model_path, pairs, per_pair: int = 40, seed: int = 1) -> dict:
+    """Fit the D-score calibration on `pairs` (validation patients) and write it into the model's card."""
+    q = QualityModel(model_path, plausibility=None)
+    rows = _score_pairs(pairs, q, per_pair, seed)
+    scores, tre = [r["d_score"] for r in rows], [r["tre_mm"] for r in rows]
+    calibration = {**fit_calibration(scores, tre), "pairs": [p.id for p in pairs], "per_pair": per_pair, "seed": seed}
+    card_path = Path(model_path).with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card.update(calibration=calibration, thresholds_mm=THRESHOLDS_MM, validation=agreement(scores, tre))
+    atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+    return calibration
+
+
+def evaluate_quality(root=None, split: str = "test", per_pair: int = 20, seed: int = 100, model="airnet_mrus", on_pair=None) -> dict:
+    """Score known-error alignments of every MR-US pair of `split`: agreement and calibration figures."""
+    q = QualityModel(model, plausibility=None)
+    pairs = data.mrus_pairs(root)
+    if split != "all":
+        pairs = data.split_by_patient(pairs)[split]
+    rows = _score_pairs(pairs, q, per_pair, seed, on_pair)
+    tre = np.array([r["tre_mm"] for r in rows])
+    scores = np.array([r["d_score"] for r in rows])
+    summary = {"n_pairs": len(pairs), "n_samples": len(rows), **agreement(scores, tre)}
+    if q.calibration:
+        est = np.array([estimate_tre(q.calibration, s)[0] for s in scores])
+        for r, e in zip(rows, est):
+            r["tre_estimate_mm"] = float(e)
+        err = np.abs(est - tre)
+        summary.update(
+            calibration_mae_mm=float(np.mean(err)),
+            within_1_5mm=float(np.mean(err <= 1.5)),
+            verdict_good_tre_max_mm=float(tre[est <= q.thresholds["good"]].max()) if (est <= q.thresholds["good"]).any() else float("nan"),
+        )
+    from .evaluate import versions
+
+    return {
+        "task": "quality",
+        "method": "airnet critic",
+        "model": str(q.airnet.path),
+        "data_root": str(data.data_root(root)),
+        "device": "cpu",
+        "versions": versions(),
+        "split": split,
+        "options": {"per_pair": per_pair, "seed": seed, "perturbation": q.airnet.card["perturbation"]},
+        "pairs": rows,
+        "summary": summary,
+    }

@@ -1,0 +1,247 @@
+"""`priorreg train` for AIR-net (config `method: airnet`): generator and Wasserstein critic.
+
+The loop, resume, checkpoints, logs and torchrun support are `train.TrainingRun`'s; this
+module holds the data (training pairs in the model frame with their label-driven reference
+alignments, `priorreg.reference`) and the step of `methods.airnet`'s docstring. Everything
+random in iteration `t` is drawn from a generator seeded with `(seed, t)`.
+
+At the end, the critic's D-score is calibrated to landmark TRE in mm on the validation
+patients (`quality.calibrate`), and the calibration and verdict thresholds go into the card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import data, quality
+from .methods import airnet as air
+from .methods.adversarial import ModelFrame
+from .reference import cached_reference
+from .spatial import sample
+from .train import ConfigError, TrainingRun
+
+DEFAULTS: dict = {
+    "name": "airnet_mrus",
+    "method": "airnet",
+    "seed": 0,
+    "device": "auto",
+    "data": {
+        "root": None,
+        "task": "mrus_prostate",
+        "val_fraction": 0.1,
+        "test_fraction": 0.2,
+        "split_seed": 0,
+        "init": "centres",
+        "limit": None,
+    },
+    "frame": {"shape": [24, 32, 24], "spacing": 3.0, "margin": 8},
+    "network": {"width": 32, "dims": 3, "transform": "rigid"},
+    "critic": {"mode": "clip", "clip": 0.01, "gp_weight": 10.0, "n_critic": 2, "impostors": 0.25},
+    "perturbation": {"rotation_deg": 25.0, "translation_mm": 5.0},
+    "weights": {"adversarial": 1.0, "perturbation": 1.0},
+    "iterations": 2000,
+    "batch_size": 8,
+    "lr": 1e-4,
+    "checkpoint_every": 100,
+    "validate_every": 250,
+    "log_every": 10,
+    "calibration": {"per_pair": 40, "seed": 1},
+}
+
+
+def check_config(config: dict) -> dict:
+    if config["network"]["transform"] not in air.TRANSFORMS:
+        raise ConfigError(f"network.transform must be one of {tuple(air.TRANSFORMS)}, got {config['network']['transform']!r}")
+    if config["critic"]["mode"] not in air.CRITICS:
+        raise ConfigError(f"critic.mode must be one of {air.CRITICS}, got {config['critic']['mode']!r}")
+    if config["data"]["task"] != "mrus_prostate":
+        raise ConfigError(f"data.task {config['data']['task']!r}: the AIR-net trainer knows 'mrus_prostate'")
+    return config
+
+
+@dataclass
+class AirnetLosses:
+    critic: float
+    generator: float
+    perturbation: float
+    d_real: float
+    d_fake: float
+
+
+class FramedPairs:
+    """Pairs in the model frame: raw images, reference fields and landmark points."""
+
+    def __init__(self, pairs: list, frame: ModelFrame, init: str):
+        self.ids = [p.id for p in pairs]
+        fixed, moving, refs = [], [], []
+        for pair in pairs:
+            v = pair.load()
+            f, m = air.frame_images(v.fixed, v.moving, frame, init)
+            fixed.append(f)
+            moving.append(m)
+            refs.append(cached_reference(pair, frame, init))
+        self.fixed = torch.as_tensor(np.stack(fixed))
+        self.moving = torch.as_tensor(np.stack(moving))
+        self.ref = torch.cat([r.field for r in refs]).float()
+        self.points = [(r.fixed_points, r.moving_points) for r in refs]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class AirnetTrainer(TrainingRun):
+    LOG_COLUMNS = [
+        "iteration", "seconds", "critic", "generator", "perturbation", "d_real", "d_fake",
+        "val_spearman", "val_auroc_5mm", "val_tre_before_mm", "val_tre_after_mm",
+    ]  # fmt: skip
+
+    def setup(self) -> None:
+        c = self.config
+        d = c["data"]
+        splits = data.split_by_patient(data.mrus_pairs(d["root"]), d["val_fraction"], d["test_fraction"], d["split_seed"])
+        train = splits["train"][: d["limit"]] if d["limit"] else splits["train"]
+        if not train:
+            raise ConfigError("no training pairs: check data.root and the split fractions")
+        self.data = FramedPairs(train, self.frame, d["init"])
+        self.data.groups = {name: sorted({g for p in pairs for g in p.groups}) for name, pairs in splits.items()}
+        self.data.train_ids = self.data.ids
+        self.val_pairs = splits["val"][: d["limit"]] if d["limit"] else splits["val"]
+        self.val = FramedPairs(self.val_pairs, self.frame, d["init"]) if self.val_pairs else None
+        n, p = c["network"], c["perturbation"]
+        self.kind = n["transform"]
+        self.scale = air.parameter_scale(self.kind, p["rotation_deg"], p["translation_mm"]).to(self.device)
+        self.card = air.model_card(self.frame, n["width"], n["dims"], self.kind, d["init"], p)
+        self.generator, self.critic = (m.to(self.device) for m in air.build_networks(self.card))
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=c["lr"], betas=(0.5, 0.9))
+        if c["critic"]["mode"] == "clip":  # Arjovsky et al.: momentum-free RMSProp with clipping
+            self.opt_c = torch.optim.RMSprop(self.critic.parameters(), lr=c["lr"])
+        else:  # Gulrajani et al.
+            self.opt_c = torch.optim.Adam(self.critic.parameters(), lr=c["lr"], betas=(0.5, 0.9))
+        self.modules = {"generator": self.generator, "critic": self.critic}
+        self.optims = {"generator": self.opt_g, "critic": self.opt_c}
+        self.generator_p, self.critic_p = self.wrap(self.generator), self.wrap(self.critic)
+
+    # ------------------------------------------------------------------------------------ batches
+    def _draw(self, g: torch.Generator) -> dict:
+        """One global batch's randomness; this rank takes its slice."""
+        c = self.config
+        b = c["batch_size"]
+        p = c["perturbation"]
+        draw = {
+            "pairs": torch.randint(len(self.data), (b,), generator=g),
+            "params": air.random_perturbations(g, b, self.kind, p["rotation_deg"], p["translation_mm"]),
+            "impostors": torch.randint(len(air.IMPOSTORS), (b,), generator=g),
+            "use_impostor": torch.rand(b, generator=g) < c["critic"]["impostors"],
+        }
+        part = slice(self.rank * (b // self.world), (self.rank + 1) * (b // self.world))
+        return {k: v[part] for k, v in draw.items()}
+
+    def _warped(self, source: FramedPairs, idx: list, matrix: torch.Tensor) -> torch.Tensor:
+        """Moving images of `source[idx]` warped by `ref o matrix`, standardised over the frame."""
+        ref = source.ref[idx].to(self.device)
+        pts = air.candidate_points(ref, matrix, self.fgrid, self.points)
+        return air.standardise(sample(source.moving[idx].to(self.device), self.mgrid, pts))
+
+    def _pair_batch(self, draw: dict) -> dict:
+        idx = draw["pairs"].tolist()
+        n = len(idx)
+        eye = torch.eye(3, 4, device=self.device).expand(n, 3, 4)
+        params = draw["params"].to(self.device)
+        perturb = air.transform_matrix(params, self.kind)
+        return {
+            "idx": idx,
+            "fixed": air.standardise(self.data.fixed[idx].to(self.device)),
+            "aligned": self._warped(self.data, idx, eye),
+            "params": params,
+            "perturb": perturb,
+            "perturbed": self._warped(self.data, idx, perturb),
+        }
+
+    def _corrected(self, batch: dict, estimate: torch.Tensor) -> torch.Tensor:
+        """The moving image warped by `ref o P o P_hat^-1`."""
+        matrix = air.then(air.invert(air.transform_matrix(estimate, self.kind)), batch["perturb"])
+        return self._warped(self.data, batch["idx"], matrix)
+
+    # --------------------------------------------------------------------------------------- step
+    def step(self, t: int) -> AirnetLosses:
+        c = self.config
+        g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + t)
+        for _ in range(c["critic"]["n_critic"]):
+            draw = self._draw(g)
+            batch = self._pair_batch(draw)
+            with torch.no_grad():
+                corrected = self._corrected(batch, self.generator_p(batch["fixed"], batch["perturbed"]))
+            fake_f = [batch["fixed"], batch["fixed"]]
+            fake_w = [corrected, batch["perturbed"]]
+            for i in torch.nonzero(draw["use_impostor"]).flatten().tolist():
+                kind = air.IMPOSTORS[int(draw["impostors"][i])]
+                f, w = air.impostor(kind, batch["fixed"][i : i + 1], batch["aligned"][i : i + 1])
+                fake_f.append(f)
+                fake_w.append(w)
+            real = (batch["fixed"], batch["aligned"])
+            fake = (torch.cat(fake_f), torch.cat(fake_w))
+            loss_c, d_real, d_fake = air.critic_loss(self.critic_p, real, fake, c["critic"]["mode"], c["critic"]["gp_weight"])
+            self.opt_c.zero_grad(set_to_none=True)
+            loss_c.backward()
+            self.opt_c.step()
+            if c["critic"]["mode"] == "clip":
+                air.clip_weights(self.critic, c["critic"]["clip"])
+        batch = self._pair_batch(self._draw(g))
+        estimate = self.generator_p(batch["fixed"], batch["perturbed"])
+        self.critic.requires_grad_(False)
+        adversarial = -self.critic_p(batch["fixed"], self._corrected(batch, estimate)).mean()
+        self.critic.requires_grad_(True)
+        perturbation = air.perturbation_loss(estimate, batch["params"], self.scale)
+        w = c["weights"]
+        loss_g = w["adversarial"] * adversarial + w["perturbation"] * perturbation
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        return AirnetLosses(loss_c.item(), adversarial.item(), perturbation.item(), d_real, d_fake)
+
+    # --------------------------------------------------------------------------------- validation
+    def validate(self) -> dict:
+        """Score-TRE agreement and the generator's correction on fixed perturbations of the validation pairs."""
+        if self.val is None:
+            return {}
+        c = self.config
+        g = torch.Generator().manual_seed(12345)
+        scores, tre_before, tre_after = [], [], []
+        self.generator.eval()
+        self.critic.eval()
+        with torch.no_grad():
+            for i in range(len(self.val)):
+                n = 16
+                p = c["perturbation"]
+                params = air.random_perturbations(g, n, self.kind, p["rotation_deg"], p["translation_mm"]).to(self.device)
+                perturb = air.transform_matrix(params, self.kind)
+                idx = [i] * n
+                fixed = air.standardise(self.val.fixed[idx].to(self.device))
+                warped = self._warped(self.val, idx, perturb)
+                scores.append(self.critic(fixed, warped)[:, 0].cpu())
+                ref, (fp, mp) = self.val.ref[i : i + 1].to(self.device), self.val.points[i]
+                tre_before.append(air.candidate_tre(ref, perturb, self.fgrid, fp, mp).cpu())
+                corrected = air.then(air.invert(air.transform_matrix(self.generator(fixed, warped), self.kind)), perturb)
+                tre_after.append(air.candidate_tre(ref, corrected, self.fgrid, fp, mp).cpu())
+        self.generator.train()
+        self.critic.train()
+        s, before, after = (torch.cat(x).numpy() for x in (scores, tre_before, tre_after))
+        agreement = quality.agreement(s, before)
+        return {
+            "val_spearman": agreement["spearman"],
+            "val_auroc_5mm": agreement["auroc"],
+            "val_tre_before_mm": float(np.nanmean(before)),
+            "val_tre_after_mm": float(np.nanmean(after)),
+        }
+
+    def save_model(self, last: dict) -> None:
+        """The model, then its calibration on the validation patients written into its card."""
+        super().save_model(last)
+        if self.val_pairs:
+            path = self.out / f"{self.config['name']}.safetensors"
+            cal = self.config["calibration"]
+            quality.calibrate(path, self.val_pairs, cal["per_pair"], cal["seed"])
+
