@@ -32,7 +32,7 @@ ACCURACY = {"hippocampus": {"pairs": 8, "split": "all"}, "mrus_prostate": {"pair
 # Per-task options for PriorReg's methods (MR and TRUS headers are in unrelated frames).
 OPTIONS = {"mrus_prostate": {"iterative": {"init": "centres"}, "dip": {"init": "centres", "similarity": "lncc"}}}
 # Trained networks run only on the task their shipped model was trained for.
-ONLY_ON = {"adversarial": {"mrus_prostate"}}
+ONLY_ON = {"adversarial": {"mrus_prostate"}, "airnet": {"mrus_prostate"}}
 COLUMNS = {
     "hippocampus": ["dice_mean", "dice30", "hd95_mm", "sdlogj", "folding_pct", "seconds_per_pair"],
     "mrus_prostate": ["tre_median_mm", "tre_iqr_low_mm", "tre_iqr_high_mm", "dice_mean", "folding_pct", "seconds_per_pair"],

@@ -7,6 +7,8 @@ resampled over the same fields of view onto N^3 or KxJxI grids, so the content i
 and only the voxel count changes. Every figure is also given as a ratio to the fastest
 method measured at that size in the same run. CPU with `THREADS` threads; on a GPU
 machine pass `--device cuda` (max allocated GPU memory is then reported too).
+Method `quality` times `priorreg.quality.quality_report` of a registered pair (D-score,
+calibrated TRE, Jacobian statistics, the field's plausibility) instead of a registration.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ def _measure(method, size, root, repeats, device, options, queue) -> None:
 
         def run():
             PEERS[method][1](fixed, moving)
+    elif method == "quality":  # scoring one registered pair (the critic model is loaded once, as a module holds it)
+        from priorreg.quality import QualityModel, quality_report
+
+        model = QualityModel(device=device)
+        registered = register(fixed, moving, method="centres")
+
+        def run():
+            quality_report(fixed, registered.warped, registered.field, model=model)
     else:
 
         def run():

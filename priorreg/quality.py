@@ -59,7 +59,8 @@ def agreement(scores, tre, threshold: float = TRE_THRESHOLD_MM) -> dict:
     else:  # Mann-Whitney: the chance a bad alignment scores below a good one
         ranks = rankdata(-s)
         auroc = (ranks[bad].sum() - bad.sum() * (bad.sum() + 1) / 2) / (bad.sum() * (~bad).sum())
-    return {"spearman": float(spearmanr(s, t).statistic) if len(s) > 2 else float("nan"), "auroc": float(auroc)}
+    varied = len(s) > 2 and np.ptp(s) > 0 and np.ptp(t) > 0
+    return {"spearman": float(spearmanr(s, t).statistic) if varied else float("nan"), "auroc": float(auroc)}
 
 
 # ------------------------------------------------------------------------------- calibration
@@ -74,7 +75,7 @@ def fit_calibration(scores, tre) -> dict:
         "score": s[order].tolist(),
         "tre_mm": fitted.tolist(),
         "interval_mm": [float(low), float(high)],
-        "n": int(len(s)),
+        "n": len(s),
         "fitted_on": "validation patients",
     }
 
@@ -173,7 +174,7 @@ def quality_report(
     inverse_field: Volume | None = None,
     fixed_labels: Volume | None = None,
     warped_labels: Volume | None = None,
-    model: "QualityModel | str" = "airnet_mrus",
+    model: QualityModel | str = "airnet_mrus",
 ) -> dict:
     """The quality report of one registered pair (see the module docstring); a flat JSON-able dict."""
     start = time.perf_counter()
@@ -232,7 +233,7 @@ def known_error_samples(pair: data.Pair, model: air.LoadedAirNet, per_pair: int,
     for matrix in air.transform_matrix(params, "rigid"):
         field = perturbed_field(v.fixed, v.moving, ref, matrix, frame, init)
         tre = metrics.landmark_tre(field, v.fixed_labels, v.moving_labels)["rms"]
-        yield v, field, resample(v.moving, v.fixed, field), tre
+        yield v, field, resample(v.moving, v.fixed, field, mode="linear"), tre
 
 
 def _score_pairs(pairs, q: QualityModel, per_pair: int, seed: int, on_pair=None) -> list[dict]:

@@ -66,7 +66,7 @@ def fit_reference(
     moving: Volume,
     fixed_labels: Volume,
     moving_labels: Volume,
-    frame: ModelFrame = ModelFrame(),
+    frame: ModelFrame | None = None,
     init: str = "centres",
     steps: int = 300,
     landmark_weight: float = 0.1,
@@ -74,6 +74,7 @@ def fit_reference(
     seed: int = 0,
 ) -> Reference:
     """The label-driven reference alignment of one MR-US pair (4D labels: gland, landmarks)."""
+    frame = frame or ModelFrame()
     torch.manual_seed(seed)
     arrays = frame_pair(fixed, moving, frame, init, fixed_labels, moving_labels)
     f_gland = torch.as_tensor(arrays["fixed_labels"][:1])[None]
@@ -82,7 +83,7 @@ def fit_reference(
     fp, mp = torch.as_tensor(fpts, dtype=torch.float32), torch.as_tensor(mpts, dtype=torch.float32)
     fcan, mcan = frame.canonical(), frame.canonical(moving=True)
     pts = fcan.points()
-    coarse = [max(2, int(round(s * frame.spacing / CONTROL_SPACING_MM)) + 1) for s in frame.shape]
+    coarse = [max(2, round(s * frame.spacing / CONTROL_SPACING_MM) + 1) for s in frame.shape]
     control = torch.zeros(1, 3, *coarse, requires_grad=True)
     affine = torch.zeros(1, 12, requires_grad=True)
     opt = torch.optim.Adam([{"params": [affine], "lr": 1e-2}, {"params": [control], "lr": 0.05}])
@@ -127,7 +128,7 @@ def reference_field(fixed: Volume, moving: Volume, reference: Reference, frame: 
     return to_fixed_grid(reference.field, fg, frame.physical(cf, fg.direction), cf, cm)
 
 
-def cached_reference(pair: Pair, frame: ModelFrame = ModelFrame(), init: str = "centres") -> Reference:
+def cached_reference(pair: Pair, frame: ModelFrame | None = None, init: str = "centres") -> Reference:
     """`fit_reference` of a data-set pair, cached under `cache_dir()/references` (safetensors).
 
     The cache key covers the frame, the initialisation, this module's fitting defaults and
@@ -135,6 +136,7 @@ def cached_reference(pair: Pair, frame: ModelFrame = ModelFrame(), init: str = "
     """
     from safetensors.torch import load_file, save_file
 
+    frame = frame or ModelFrame()
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels)]
     defaults = {k: p.default for k, p in inspect.signature(fit_reference).parameters.items() if k not in ("frame", "init")}
     key = hashlib.sha256(json.dumps([asdict(frame), init, defaults, stats], default=str).encode()).hexdigest()[:16]

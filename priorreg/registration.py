@@ -50,11 +50,11 @@ class RegistrationResult:
     def from_field(
         cls, field: Volume, moving: Volume, method: str, seconds: float, moving_labels: Volume | None = None, history=None
     ) -> "RegistrationResult":
-        """The result of a field: the moving image (and labels, when given) resampled through it."""
+        """The result of a field: the moving image (linearly, whatever its dtype) and labels resampled through it."""
         from .spatial import resample
 
         warped_labels = resample(moving_labels, field, field) if moving_labels is not None else None
-        return cls(field, resample(moving, field, field), method, seconds, warped_labels, history or [])
+        return cls(field, resample(moving, field, field, mode="linear"), method, seconds, warped_labels, history or [])
 
 
 class Monitor:

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -196,7 +197,7 @@ class TrainingRun:
     floats, logged as columns), `validate()` and `LOG_COLUMNS`.
     """
 
-    LOG_COLUMNS: list[str] = []
+    LOG_COLUMNS: ClassVar[list[str]] = []
 
     def __init__(self, config: dict, out: str | os.PathLike, progress=None):
         self.config, self.out, self.progress = config, Path(out), progress
@@ -308,7 +309,7 @@ class TrainingRun:
 class Trainer(TrainingRun):
     """The adversarial method's trainer (seed 000): registration network and discriminator."""
 
-    LOG_COLUMNS = [
+    LOG_COLUMNS: ClassVar[list[str]] = [
         "iteration", "seconds", "gamma", "label", "regularizer", "generator", "discriminator",
         "d_simulated", "d_predicted", "val_tre_median_mm", "val_dice",
     ]  # fmt: skip

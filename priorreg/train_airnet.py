@@ -12,6 +12,7 @@ patients (`quality.calibrate`), and the calibration and verdict thresholds go in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ class FramedPairs:
 
 
 class AirnetTrainer(TrainingRun):
-    LOG_COLUMNS = [
+    LOG_COLUMNS: ClassVar[list[str]] = [
         "iteration", "seconds", "critic", "generator", "perturbation", "d_real", "d_fake",
         "val_spearman", "val_auroc_5mm", "val_tre_before_mm", "val_tre_after_mm",
     ]  # fmt: skip
@@ -207,34 +208,16 @@ class AirnetTrainer(TrainingRun):
         """Score-TRE agreement and the generator's correction on fixed perturbations of the validation pairs."""
         if self.val is None:
             return {}
-        c = self.config
-        g = torch.Generator().manual_seed(12345)
-        scores, tre_before, tre_after = [], [], []
         self.generator.eval()
         self.critic.eval()
-        with torch.no_grad():
-            for i in range(len(self.val)):
-                n = 16
-                p = c["perturbation"]
-                params = air.random_perturbations(g, n, self.kind, p["rotation_deg"], p["translation_mm"]).to(self.device)
-                perturb = air.transform_matrix(params, self.kind)
-                idx = [i] * n
-                fixed = air.standardise(self.val.fixed[idx].to(self.device))
-                warped = self._warped(self.val, idx, perturb)
-                scores.append(self.critic(fixed, warped)[:, 0].cpu())
-                ref, (fp, mp) = self.val.ref[i : i + 1].to(self.device), self.val.points[i]
-                tre_before.append(air.candidate_tre(ref, perturb, self.fgrid, fp, mp).cpu())
-                corrected = air.then(air.invert(air.transform_matrix(self.generator(fixed, warped), self.kind)), perturb)
-                tre_after.append(air.candidate_tre(ref, corrected, self.fgrid, fp, mp).cpu())
+        e = known_error_evaluation(self.generator, self.critic, self.card, self.val, per_pair=16, seed=12345, device=self.device)
         self.generator.train()
         self.critic.train()
-        s, before, after = (torch.cat(x).numpy() for x in (scores, tre_before, tre_after))
-        agreement = quality.agreement(s, before)
         return {
-            "val_spearman": agreement["spearman"],
-            "val_auroc_5mm": agreement["auroc"],
-            "val_tre_before_mm": float(np.nanmean(before)),
-            "val_tre_after_mm": float(np.nanmean(after)),
+            "val_spearman": e["spearman"],
+            "val_auroc_5mm": e["auroc"],
+            "val_tre_before_mm": e["tre_before_mm"],
+            "val_tre_after_mm": e["tre_after_mm"],
         }
 
     def save_model(self, last: dict) -> None:
@@ -245,3 +228,34 @@ class AirnetTrainer(TrainingRun):
             cal = self.config["calibration"]
             quality.calibrate(path, self.val_pairs, cal["per_pair"], cal["seed"])
 
+
+
+def known_error_evaluation(generator, critic, card: dict, pairs: FramedPairs, per_pair: int, seed: int, device, passes: int = 1) -> dict:
+    """Seeded perturbations of each pair's reference alignment (the card's ranges), in the model frame:
+    the critic's agreement with their landmark TRE, and the TRE before and after the generator's
+    correction (`passes` times), as the paper evaluates (section 3.2)."""
+    f = card["frame"]
+    frame = ModelFrame(tuple(f["shape"]), f["spacing"], f["margin"])
+    fgrid, mgrid = frame.canonical(), frame.canonical(moving=True)
+    points = fgrid.points(device=device)
+    kind, p = card["architecture"]["transform"], card["perturbation"]
+    g = torch.Generator().manual_seed(seed)
+    scores, before, after = [], [], []
+    with torch.no_grad():
+        for i in range(len(pairs)):
+            params = air.random_perturbations(g, per_pair, kind, p["rotation_deg"], p["translation_mm"]).to(device)
+            matrix = air.transform_matrix(params, kind)
+            ref = pairs.ref[i : i + 1].to(device)
+            fixed = air.standardise(pairs.fixed[[i] * per_pair].to(device))
+            moving = pairs.moving[[i] * per_pair].to(device)
+            refs = ref.expand(per_pair, -1, -1, -1, -1)
+            current = air.standardise(sample(moving, mgrid, air.candidate_points(refs, matrix, fgrid, points)))
+            scores.append(critic(fixed, current)[:, 0].cpu())
+            fp, mp = pairs.points[i]
+            before.append(air.candidate_tre(ref, matrix, fgrid, fp, mp).cpu())
+            for _ in range(passes):
+                matrix = air.then(air.invert(air.transform_matrix(generator(fixed, current), kind)), matrix)
+                current = air.standardise(sample(moving, mgrid, air.candidate_points(refs, matrix, fgrid, points)))
+            after.append(air.candidate_tre(ref, matrix, fgrid, fp, mp).cpu())
+    s, b, a = (torch.cat(x).numpy() for x in (scores, before, after))
+    return {**quality.agreement(s, b), "tre_before_mm": float(np.nanmean(b)), "tre_after_mm": float(np.nanmean(a)), "n_samples": len(s)}

@@ -107,7 +107,7 @@ def test_identity_figures_of_the_mrus_set_are_the_ones_in_the_readme(shared_data
 
 def test_register_with_the_shipped_network_on_a_held_out_mrus_pair(tmp_path, shared_data):
     """`--method adversarial`: images only, then the same with fine-tuning on the gland (channel 0)."""
-    from priorreg.data import split_by_patient, mrus_pairs
+    from priorreg.data import mrus_pairs, split_by_patient
 
     pair = split_by_patient(mrus_pairs(shared_data))["test"][1]
     files = ["--fixed", str(pair.fixed), "--moving", str(pair.moving),
@@ -123,3 +123,33 @@ def test_register_with_the_shipped_network_on_a_held_out_mrus_pair(tmp_path, sha
     assert plain["dice_mean"] > reports[0]["identity"]["dice_mean"] + 0.2  # headers' frames are unrelated
     assert tuned["dice_mean"] > plain["dice_mean"]
     assert plain["folding_pct"] < 0.5 and tuned["folding_pct"] < 0.5
+
+
+def test_score_reports_a_verdict_for_any_tools_output(tmp_path, shared_data):
+    """`priorreg score` on a registration written by `priorreg register` (any tool's files would do)."""
+    from priorreg.data import mrus_pairs, split_by_patient
+
+    pair = split_by_patient(mrus_pairs(shared_data))["test"][2]
+    out = tmp_path / "reg"
+    assert main(["register", "--fixed", str(pair.fixed), "--moving", str(pair.moving), "--method", "airnet",
+                 "--passes", "2", "--device", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    assert Grid.of(Volume.read(out / "field.nii.gz")).matches(Volume.read(pair.fixed))
+    args = ["score", "--fixed", str(pair.fixed), "--warped", str(out / "warped.nii.gz"), "--field", str(out / "field.nii.gz")]
+    assert main([*args, "--json", str(tmp_path / "q.json")]) == 0
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["verdict"] in ("good", "check", "failed")
+    low, high = report["tre_interval_mm"]
+    assert 0 <= low <= report["tre_estimate_mm"] <= high
+    assert report["folding_pct"] == 0  # an affine never folds
+    assert main([*args[:-2], "--field", str(pair.fixed), "--json", str(tmp_path / "bad.json")]) == 2  # not a field
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_evaluate_quality_reports_agreement_with_known_errors(tmp_path, shared_data):
+    out = tmp_path / "quality.json"
+    assert main(["--data-root", str(shared_data), "evaluate", "--task", "quality", "--split", "val", "--per-pair", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert report["task"] == "quality" and s["n_samples"] == 3 * s["n_pairs"]
+    assert -1 <= s["spearman"] <= 1 and 0 <= s["auroc"] <= 1 and 0 <= s["within_1_5mm"] <= 1
+    assert all(r["tre_mm"] >= 0 for r in report["pairs"])

@@ -209,7 +209,7 @@ class LoadedAirNet:
         self.kind = card["architecture"]["transform"]
 
     @classmethod
-    def load(cls, model="airnet_mrus", device: str = "auto") -> "LoadedAirNet":
+    def load(cls, model="airnet_mrus", device: str = "auto") -> LoadedAirNet:
         tensors, card, path = load_model(model)
         if card.get("method") != "airnet":
             raise ValueError(f"{path}: not an AIR-net model (method {card.get('method')!r})")
