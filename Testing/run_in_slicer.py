@@ -4,15 +4,16 @@ From the repository root:
 
     Slicer --no-main-window --python-script Testing/run_in_slicer.py
 
-With `--additional-module-paths AdversarialRegistration DeepImagePriorReg` before
+With `--additional-module-paths AdversarialRegistration DeepImagePriorReg RegQualityScore` before
 `--python-script`, Slicer also loads the modules, and each module's panel is built too (its
 .ui loaded and bound to its parameter node). The tests read the shared data (`../shared/data`,
 or $PRIORREG_DATA) and need torch in Slicer's Python (the PyTorch extension, or
-`PythonSlicer -m pip install torch`). Exits with status 1 when a test fails, 0 otherwise;
-a test that cannot run (no data) is reported as skipped.
+`PythonSlicer -m pip install torch`); RegQualityScore's also the shipped AIR-net model
+(Resources/Models/airnet_mrus). Exits with status 1 when a test fails, 0 otherwise; a test
+that cannot run (no data) is reported as skipped.
 
-This is the real-Slicer tier: the same flows as Testing/mrml/test_modules.py, on Slicer's
-application scene instead of a bare slicer-core scene.
+This is the real-Slicer tier: the same flows as Testing/mrml/test_modules.py and
+test_quality_module.py, on Slicer's application scene instead of a bare slicer-core scene.
 """
 
 import importlib

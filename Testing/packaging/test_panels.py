@@ -33,6 +33,7 @@ SUFFIX_CLASSES = {
     "Label": {"QLabel"},
     "LineEdit": {"QLineEdit"},
     "ProgressBar": {"QProgressBar"},
+    "TableView": {"qMRMLTableView"},
 }
 # What `slicer.parameterNodeWrapper`'s GUI connectors accept for a parameter type.
 TYPE_CLASSES = {
@@ -184,6 +185,8 @@ def qt_only(tree: ET.ElementTree) -> bytes:
         elif cls == "qMRMLNodeComboBox":
             widget.set("class", "QComboBox")
             drop = {"nodeTypes", "showChildNodeTypes", "noneEnabled", "addEnabled", "removeEnabled"}
+        elif cls == "qMRMLTableView":
+            widget.set("class", "QTableView")
         elif cls == "ctkSliderWidget":
             widget.set("class", "QSlider")
             drop = {"singleStep", "maximum", "value"}
