@@ -118,6 +118,12 @@ def main(argv=None) -> int:
     sh.add_argument("--variant", default="adversarial")
     sh.add_argument("--name", default="adversarial_mrus")
     sh.add_argument("--dest", default=str(Path(__file__).resolve().parent.parent / "Resources" / "Models"))
+    a = sub.add_parser("airnet", help="AIR-net models compared on the test patients: quality score and registration")
+    a.add_argument("--data-root")
+    a.add_argument("--models", nargs="+", required=True, help="trained .safetensors files (priorreg train, method airnet)")
+    a.add_argument("--per-pair", type=int, default=20)
+    a.add_argument("--out", required=True)
+    a.add_argument("--ship", help="then copy this one of --models into Resources/Models as airnet_mrus")
     sp = sub.add_parser("speed", help="seconds per registration and peak memory vs volume size")
     sp.add_argument("--data-root")
     sp.add_argument("--out", required=True)
@@ -131,6 +137,14 @@ def main(argv=None) -> int:
         from .regularizers import ship
 
         print(f"shipped {ship(Path(args.results), args.variant, args.name, Path(args.dest))}")
+        return 0
+    if args.command == "airnet":
+        from . import airnet
+
+        print(airnet.run(args.models, args.data_root, Path(args.out), args.per_pair))
+        if args.ship:
+            dest = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+            print(f"shipped {airnet.ship(Path(args.out) / 'airnet_mrus.json', args.ship, 'airnet_mrus', dest)}")
         return 0
     if args.command == "speed":
         from .speed import run as run_speed

@@ -172,7 +172,8 @@ def cmd_evaluate(args) -> int:
         def on_scored(index, total, row):
             print(f"[{index + 1}/{total}] {row['id']}: scored", file=sys.stderr)
 
-        report = evaluate_quality(args.data_root, args.split, args.per_pair, args.seed, args.model or "airnet_mrus", on_scored)
+        model = args.model or "airnet_mrus"
+        report = evaluate_quality(args.data_root, args.split, args.per_pair, args.seed, model, on_scored, args.pairs)
         _write_json(report, args.json)
         print(json.dumps(report["summary"], indent=2))
         return 0

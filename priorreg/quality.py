@@ -259,12 +259,15 @@ def calibrate(model_path, pairs, per_pair: int = 40, seed: int = 1) -> dict:
     return calibration
 
 
-def evaluate_quality(root=None, split: str = "test", per_pair: int = 20, seed: int = 100, model="airnet_mrus", on_pair=None) -> dict:
-    """Score known-error alignments of every MR-US pair of `split`: agreement and calibration figures."""
+def evaluate_quality(
+    root=None, split: str = "test", per_pair: int = 20, seed: int = 100, model="airnet_mrus", on_pair=None, n_pairs: int | None = None
+) -> dict:
+    """Score known-error alignments of every MR-US pair of `split` (or its first `n_pairs`): agreement and calibration."""
     q = QualityModel(model, plausibility=None)
     pairs = data.mrus_pairs(root)
     if split != "all":
         pairs = data.split_by_patient(pairs)[split]
+    pairs = pairs[:n_pairs] if n_pairs else pairs
     rows = _score_pairs(pairs, q, per_pair, seed, on_pair)
     tre = np.array([r["tre_mm"] for r in rows])
     scores = np.array([r["d_score"] for r in rows])
@@ -289,7 +292,7 @@ def evaluate_quality(root=None, split: str = "test", per_pair: int = 20, seed: i
         "device": "cpu",
         "versions": versions(),
         "split": split,
-        "options": {"per_pair": per_pair, "seed": seed, "perturbation": q.airnet.card["perturbation"]},
+        "options": {"per_pair": per_pair, "seed": seed, "n_pairs": n_pairs, "perturbation": q.airnet.card["perturbation"]},
         "pairs": rows,
         "summary": summary,
     }

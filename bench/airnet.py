@@ -1,0 +1,99 @@
+"""`python -m bench airnet --models A.safetensors B.safetensors ... --out DIR`: AIR-net models compared.
+
+For each model, on the test patients (never seen in training or calibration):
+- the quality score against known errors through the user's path (`priorreg.quality.evaluate_quality`:
+  warped images on the fixed grid, TRE from the landmark labels): Spearman, AUROC for TRE > 5 mm,
+  the calibrated estimate's error;
+- the paper's registration protocol (section 3.2) in the model frame: random perturbations of the
+  reference alignment, landmark TRE before and after the generator (1 and 3 passes);
+- registration from the `centres` initialisation (`priorreg evaluate --method airnet`), beside
+  `centres` itself, as a user would run it.
+Writes `airnet_mrus.md` and `airnet_mrus.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from priorreg import data
+from priorreg.evaluate import evaluate_task, versions
+from priorreg.methods import airnet as air
+from priorreg.quality import evaluate_quality
+from priorreg.train_airnet import FramedPairs, known_error_evaluation
+
+
+def evaluate_model(path: str, root, per_pair: int, seed: int) -> dict:
+    model = air.LoadedAirNet.load(path, "cpu")
+    test = data.split_by_patient(data.mrus_pairs(root))["test"]
+    framed = FramedPairs(test, model.frame, model.card["preprocessing"]["init"])
+    out: dict = {"model": str(path), "card": {k: model.card[k] for k in ("architecture", "perturbation")}}
+    out["critic_mode"] = model.card.get("training", {}).get("config", {}).get("critic", {}).get("mode")
+    out["validation"] = model.card.get("validation")
+    quality = evaluate_quality(root, "test", per_pair, seed, path)
+    out["quality"] = quality["summary"]
+    for passes in (1, 3):
+        out[f"recovery_{passes}"] = known_error_evaluation(
+            model.generator, model.critic, model.card, framed, per_pair, seed, "cpu", passes
+        )
+    for method, options in (("centres", {}), ("airnet", {"model": str(path), "device": "cpu", "passes": 3})):
+        report = evaluate_task("mrus_prostate", method, root, split="test", options=options)
+        out[f"from_centres_{method}"] = {k: report["summary"].get(k) for k in ("tre_median_mm", "tre_iqr_low_mm", "tre_iqr_high_mm", "dice_mean")}
+    return out
+
+
+def run(models: list[str], root, out: Path, per_pair: int = 20, seed: int = 100) -> str:
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    results = []
+    for path in models:
+        results.append(evaluate_model(path, root, per_pair, seed))
+        print(f"{path}: done", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "airnet_mrus.json").write_text(json.dumps({"versions": versions(), "per_pair": per_pair, "seed": seed, "results": results}, indent=1) + "\n")
+    lines = [
+        f"Run {time.strftime('%Y-%m-%d')} on the test patients, {per_pair} known-error alignments per pair, seed {seed}, "
+        f"{time.perf_counter() - start:.0f} s.",
+        f"Command: `python -m bench airnet --models {' '.join(models)} --per-pair {per_pair}`",
+        "",
+        "| model | critic | val Spearman | test Spearman | test AUROC (TRE > 5 mm) | estimate MAE mm | within 1.5 mm | "
+        "TRE before mm | after 1 pass | after 3 passes | from centres: TRE median mm | centres alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        q, one, three = r["quality"], r["recovery_1"], r["recovery_3"]
+        val = (r["validation"] or {}).get("spearman", float("nan"))
+        lines.append(
+            f"| {Path(r['model']).stem} | {r['critic_mode']} | {val:.2f} | {q['spearman']:.2f} | {q['auroc']:.3f} | "
+            f"{q.get('calibration_mae_mm', float('nan')):.2f} | {q.get('within_1_5mm', float('nan')):.2f} | "
+            f"{one['tre_before_mm']:.2f} | {one['tre_after_mm']:.2f} | {three['tre_after_mm']:.2f} | "
+            f"{r['from_centres_airnet']['tre_median_mm']:.2f} | {r['from_centres_centres']['tre_median_mm']:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out / "airnet_mrus.md").write_text(text)
+    return text
+
+
+def ship(results: Path, model: str, name: str, dest: Path) -> Path:
+    """Copy one compared model into `dest` as `<name>`, its test figures from `airnet_mrus.json` in the card."""
+    from priorreg.models import load_model, save_model
+
+    report = json.loads(Path(results).read_text())
+    chosen = [r for r in report["results"] if Path(r["model"]).stem == Path(model).stem]
+    if not chosen:
+        raise SystemExit(f"{model} is not in {results}")
+    tensors, card, _ = load_model(chosen[0]["model"])
+    card["name"] = name
+    card["metrics"] = {
+        "split": "test",
+        "test_patients": card["training"]["patients"]["test"],
+        "quality": chosen[0]["quality"],
+        "registration_from_perturbations": {"one_pass": chosen[0]["recovery_1"], "three_passes": chosen[0]["recovery_3"]},
+        "registration_from_centres": {"airnet_3_passes": chosen[0]["from_centres_airnet"], "centres": chosen[0]["from_centres_centres"]},
+        "source": f"{Path(results).name} (python -m bench airnet)",
+    }
+    return save_model(dest / f"{name}.safetensors", tensors, card)
