@@ -40,7 +40,8 @@ DEFAULTS: dict = {
     },
     "frame": {"shape": [24, 32, 24], "spacing": 3.0, "margin": 8},
     "network": {"width": 32, "dims": 3, "transform": "rigid"},
-    "critic": {"mode": "clip", "clip": 0.01, "gp_weight": 10.0, "n_critic": 2, "impostors": 0.25},
+    # tre_weight > 0 adds PriorReg's error regression to the critic (methods.airnet.error_regression_loss)
+    "critic": {"mode": "clip", "clip": 0.01, "gp_weight": 10.0, "n_critic": 2, "impostors": 0.25, "tre_weight": 0.0},
     "perturbation": {"rotation_deg": 25.0, "translation_mm": 5.0},
     "weights": {"adversarial": 1.0, "perturbation": 1.0},
     "iterations": 2000,
@@ -70,6 +71,7 @@ class AirnetLosses:
     perturbation: float
     d_real: float
     d_fake: float
+    tre_fit: float
 
 
 class FramedPairs:
@@ -95,7 +97,7 @@ class FramedPairs:
 
 class AirnetTrainer(TrainingRun):
     LOG_COLUMNS: ClassVar[list[str]] = [
-        "iteration", "seconds", "critic", "generator", "perturbation", "d_real", "d_fake",
+        "iteration", "seconds", "critic", "generator", "perturbation", "d_real", "d_fake", "tre_fit",
         "val_spearman", "val_auroc_5mm", "val_tre_before_mm", "val_tre_after_mm",
     ]  # fmt: skip
 
@@ -161,20 +163,30 @@ class AirnetTrainer(TrainingRun):
             "perturbed": self._warped(self.data, idx, perturb),
         }
 
-    def _corrected(self, batch: dict, estimate: torch.Tensor) -> torch.Tensor:
-        """The moving image warped by `ref o P o P_hat^-1`."""
-        matrix = air.then(air.invert(air.transform_matrix(estimate, self.kind)), batch["perturb"])
-        return self._warped(self.data, batch["idx"], matrix)
+    def _correction(self, batch: dict, estimate: torch.Tensor) -> torch.Tensor:
+        """`P o P_hat^-1`: what the moving image is warped by (after `ref`) once the generator corrected it."""
+        return air.then(air.invert(air.transform_matrix(estimate, self.kind)), batch["perturb"])
+
+    def _tre(self, batch: dict, matrix: torch.Tensor) -> torch.Tensor:
+        """Landmark TRE (mm) of `ref o matrix` for each sample of the batch."""
+        out = []
+        for k, i in enumerate(batch["idx"]):
+            fp, mp = self.data.points[i]
+            ref = self.data.ref[i : i + 1].to(self.device)
+            out.append(air.candidate_tre(ref, matrix[k : k + 1], self.fgrid, fp, mp))
+        return torch.cat(out).to(self.device)
 
     # --------------------------------------------------------------------------------------- step
     def step(self, t: int) -> AirnetLosses:
         c = self.config
+        cc = c["critic"]
         g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + t)
-        for _ in range(c["critic"]["n_critic"]):
+        for _ in range(cc["n_critic"]):
             draw = self._draw(g)
             batch = self._pair_batch(draw)
             with torch.no_grad():
-                corrected = self._corrected(batch, self.generator_p(batch["fixed"], batch["perturbed"]))
+                correction = self._correction(batch, self.generator_p(batch["fixed"], batch["perturbed"]))
+                corrected = self._warped(self.data, batch["idx"], correction)
             fake_f = [batch["fixed"], batch["fixed"]]
             fake_w = [corrected, batch["perturbed"]]
             for i in torch.nonzero(draw["use_impostor"]).flatten().tolist():
@@ -184,16 +196,24 @@ class AirnetTrainer(TrainingRun):
                 fake_w.append(w)
             real = (batch["fixed"], batch["aligned"])
             fake = (torch.cat(fake_f), torch.cat(fake_w))
-            loss_c, d_real, d_fake = air.critic_loss(self.critic_p, real, fake, c["critic"]["mode"], c["critic"]["gp_weight"])
+            loss_c, d_real, d_fake = air.critic_loss(self.critic_p, real, fake, cc["mode"], cc["gp_weight"])
+            tre_fit = torch.zeros(())
+            if cc["tre_weight"] > 0:  # real, corrected and perturbed pairs have known landmark TRE
+                n = len(batch["idx"])
+                eye = torch.eye(3, 4, device=self.device).expand(n, 3, 4)
+                tre = torch.cat([self._tre(batch, m) for m in (eye, correction, batch["perturb"])])
+                tre_fit = air.error_regression_loss(torch.cat([d_real, d_fake[: 2 * n]]), tre)
+                loss_c = loss_c + cc["tre_weight"] * tre_fit
             self.opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             self.opt_c.step()
-            if c["critic"]["mode"] == "clip":
-                air.clip_weights(self.critic, c["critic"]["clip"])
+            if cc["mode"] == "clip":
+                air.clip_weights(self.critic, cc["clip"])
         batch = self._pair_batch(self._draw(g))
         estimate = self.generator_p(batch["fixed"], batch["perturbed"])
         self.critic.requires_grad_(False)
-        adversarial = -self.critic_p(batch["fixed"], self._corrected(batch, estimate)).mean()
+        corrected = self._warped(self.data, batch["idx"], self._correction(batch, estimate))
+        adversarial = -self.critic_p(batch["fixed"], corrected).mean()
         self.critic.requires_grad_(True)
         perturbation = air.perturbation_loss(estimate, batch["params"], self.scale)
         w = c["weights"]
@@ -201,7 +221,9 @@ class AirnetTrainer(TrainingRun):
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
-        return AirnetLosses(loss_c.item(), adversarial.item(), perturbation.item(), d_real, d_fake)
+        return AirnetLosses(
+            loss_c.item(), adversarial.item(), perturbation.item(), d_real.mean().item(), d_fake.mean().item(), tre_fit.item()
+        )
 
     # --------------------------------------------------------------------------------- validation
     def validate(self) -> dict:

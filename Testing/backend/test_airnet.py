@@ -60,9 +60,12 @@ def test_standardise_and_critic_losses():
     real = (torch.randn(2, 1, 8, 8, 8), torch.randn(2, 1, 8, 8, 8))
     fake = (torch.randn(3, 1, 8, 8, 8), torch.randn(3, 1, 8, 8, 8))
     plain, d_real, d_fake = air.critic_loss(critic, real, fake, "clip")
-    assert plain.item() == pytest.approx(d_fake - d_real, abs=1e-6)
+    assert d_real.shape == (2,) and d_fake.shape == (3,)
+    assert plain.item() == pytest.approx((d_fake.mean() - d_real.mean()).item(), abs=1e-6)
     penalised, _, _ = air.critic_loss(critic, real, fake, "gp")
     assert penalised.item() > plain.item()  # the penalty is non-negative and almost surely positive
+    tre = torch.tensor([1.0, 4.0, float("nan")])
+    assert air.error_regression_loss(torch.tensor([-1.0, -2.0, 5.0]), tre).item() == pytest.approx(2.0)  # (0 + 4) / 2
     air.clip_weights(critic, 0.01)
     assert max(p.abs().max().item() for p in critic.parameters()) <= 0.01
 
@@ -111,7 +114,7 @@ def test_a_short_training_run_writes_a_calibrated_model(tmp_path, shared_data):
                 "name": "tiny",
                 "data": {"root": str(shared_data), "limit": 3},
                 "network": {"width": 4},
-                "critic": {"mode": "clip"},
+                "critic": {"mode": "clip", "tre_weight": 1.0},
                 "iterations": 3,
                 "batch_size": 2,
                 "validate_every": 3,
@@ -122,7 +125,7 @@ def test_a_short_training_run_writes_a_calibrated_model(tmp_path, shared_data):
     )
     config = load_config(config_path)
     last = train(config, tmp_path / "run")
-    assert np.isfinite(last["critic"]) and np.isfinite(last["val_tre_before_mm"])
+    assert np.isfinite(last["critic"]) and np.isfinite(last["val_tre_before_mm"]) and last["tre_fit"] > 0
     card = json.loads((tmp_path / "run" / "tiny.json").read_text())
     cal = card["calibration"]
     assert len(cal["score"]) == 9 and np.all(np.diff(cal["tre_mm"]) <= 1e-9)  # 3 pairs x 3, non-increasing

@@ -152,9 +152,12 @@ def impostor(kind: str, fixed: torch.Tensor, aligned: torch.Tensor) -> tuple[tor
 
 
 # ----------------------------------------------------------------------------------------- losses
-def critic_loss(critic, real: tuple, fake: tuple, mode: str, gp_weight: float = 10.0) -> tuple[torch.Tensor, float, float]:
-    """Wasserstein critic loss `E D(fake) - E D(real)` (+ gradient penalty in mode "gp")."""
-    d_real, d_fake = critic(*real), critic(*fake)
+def critic_loss(critic, real: tuple, fake: tuple, mode: str, gp_weight: float = 10.0):
+    """Wasserstein critic loss `E D(fake) - E D(real)` (+ gradient penalty in mode "gp").
+
+    Returns the loss and the critic's outputs `[B]` on the real and the fake pairs.
+    """
+    d_real, d_fake = critic(*real)[:, 0], critic(*fake)[:, 0]
     loss = d_fake.mean() - d_real.mean()
     if mode == "gp":
         n = min(real[0].shape[0], fake[0].shape[0])
@@ -163,7 +166,14 @@ def critic_loss(critic, real: tuple, fake: tuple, mode: str, gp_weight: float = 
         grads = torch.autograd.grad(critic(*mixed).sum(), mixed, create_graph=True)
         norm = torch.cat([g.flatten(1) for g in grads], 1).norm(dim=1)
         loss = loss + gp_weight * (norm - 1).square().mean()
-    return loss, d_real.mean().item(), d_fake.mean().item()
+    return loss, d_real, d_fake
+
+
+def error_regression_loss(scores: torch.Tensor, tre_mm: torch.Tensor) -> torch.Tensor:
+    """PriorReg's optional critic term (`critic.tre_weight`): D-scores of known-error pairs regressed
+    onto minus their landmark TRE in mm, so that one score means one error on every patient."""
+    ok = torch.isfinite(tre_mm)
+    return (scores[ok] + tre_mm[ok]).square().mean() if ok.any() else scores.new_zeros(())
 
 
 def clip_weights(critic, clip: float) -> None:
