@@ -25,8 +25,10 @@ from slicer.util import VTKObservationMixin
 from priorreg.registration import Cancelled
 from priorreg.slicer.dependencies import ensure_dependencies
 from priorreg.slicer.logic import display_outputs, model_card, model_summary, register_nodes, set_foreground_opacity
+from priorreg.slicer.quality import verdict_text
 
 DEFAULT_MODEL = "adversarial_mrus"
+QUALITY_MODEL = "airnet_mrus"  # AIR-net's critic, trained on the same MR-TRUS data: scores every result
 
 
 class AdversarialRegistration(ScriptedLoadableModule):
@@ -210,7 +212,9 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
                 finetune_steps=p.finetuneSteps, progress=self.onProgress, cancel=lambda: self._cancelRequested,
             )
             display_outputs(outputs, p.fixedVolume, p.opacity)
-            self.setStatus(f"Done in {outputs.result.seconds:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}")
+            done = f"Done in {outputs.result.seconds:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}"
+            quality = f"\nQuality {verdict_text(outputs.quality)}" if outputs.quality else ""
+            self.setStatus(done + quality, error=bool(outputs.quality) and outputs.quality["verdict"] == "failed")
         except Cancelled:
             self.setStatus("Cancelled; the scene is as it was.")
         except Exception as error:  # shown in the panel; the traceback goes to the log
@@ -229,12 +233,13 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def register(
         self, fixed, moving, model=DEFAULT_MODEL, device="auto", fixed_segmentation=None, moving_segmentation=None,
-        finetune_steps=0, progress=None, cancel=None, scene=None,
+        finetune_steps=0, progress=None, cancel=None, scene=None, quality_model=QUALITY_MODEL,
     ):
         """Register `moving` to `fixed`; returns `priorreg.slicer.RegistrationOutputs` (the new nodes).
 
         `model`: a shipped model name or a `.safetensors` path. `finetune_steps` > 0 first tunes a
-        copy of the network on this pair, on the segmentations (both needed). Raises `ValueError`
+        copy of the network on this pair, on the segmentations (both needed). `quality_model`: the
+        AIR-net critic that scores the result (`outputs.quality`; None: no score). Raises `ValueError`
         for unusable inputs and `Cancelled` when `cancel()` returns True; either way the scene is
         left as it was.
         """
@@ -243,7 +248,7 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
             options["finetune_steps"] = finetune_steps
         return register_nodes(
             fixed, moving, "adversarial", options, fixed_segmentation, moving_segmentation,
-            scene=scene, progress=progress, cancel=cancel,
+            scene=scene, progress=progress, cancel=cancel, quality_model=quality_model,
         )
 
 

@@ -60,15 +60,16 @@ def run(models: list[str], root, out: Path, per_pair: int = 20, seed: int = 100)
         f"{time.perf_counter() - start:.0f} s.",
         f"Command: `python -m bench airnet --models {' '.join(models)} --per-pair {per_pair}`",
         "",
-        "| model | critic | val Spearman | test Spearman | test AUROC (TRE > 5 mm) | estimate MAE mm | within 1.5 mm | "
-        "TRE before mm | after 1 pass | after 3 passes | from centres: TRE median mm | centres alone |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | critic | val Spearman | test Spearman | test AUROC (TRE > 5 mm) | MI Spearman, AUROC (peer) | estimate MAE mm | "
+        "within 1.5 mm | TRE before mm | after 1 pass | after 3 passes | from centres: TRE median mm | centres alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         q, one, three = r["quality"], r["recovery_1"], r["recovery_3"]
         val = (r["validation"] or {}).get("spearman", float("nan"))
         lines.append(
             f"| {Path(r['model']).stem} | {r['critic_mode']} | {val:.2f} | {q['spearman']:.2f} | {q['auroc']:.3f} | "
+            f"{q['mi_spearman']:.2f}, {q['mi_auroc']:.3f} | "
             f"{q.get('calibration_mae_mm', float('nan')):.2f} | {q.get('within_1_5mm', float('nan')):.2f} | "
             f"{one['tre_before_mm']:.2f} | {one['tre_after_mm']:.2f} | {three['tre_after_mm']:.2f} | "
             f"{r['from_centres_airnet']['tre_median_mm']:.2f} | {r['from_centres_centres']['tre_median_mm']:.2f} |"

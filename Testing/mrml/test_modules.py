@@ -41,6 +41,7 @@ from priorreg.volume import Volume  # noqa: E402
 FLIP = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS
 MODEL = "adversarial_mrus"
 ADVERSARIAL = {"model": MODEL, "device": "cpu"}  # what AdversarialRegistrationLogic.register passes
+QUALITY_MODEL = "airnet_mrus"  # and the critic it scores the result with
 DIP = {"similarity": "mae", "init": "centres", "device": "cpu", "levels": (4,), "steps": (10,)}  # DeepImagePriorRegLogic
 
 
@@ -67,7 +68,7 @@ def adversarial(shared_data, shipped_model):
     before = [state(n) for n in inputs]
     outputs = register_nodes(
         pair.fixed, pair.moving, "adversarial", ADVERSARIAL, pair.fixed_segmentation, pair.moving_segmentation,
-        scene=pair.scene,
+        scene=pair.scene, quality_model=QUALITY_MODEL,
     )
     return pair, outputs, before
 
@@ -242,6 +243,21 @@ def test_jacobian_map_uses_a_diverging_table_centred_on_one_with_folding_marked(
     np.testing.assert_allclose(slicer.util.arrayFromVolume(identity.jacobian), 1.0, atol=1e-6)
 
 
+def test_the_result_is_scored_and_the_score_is_in_the_metrics_table(adversarial):
+    from priorreg.quality import QualityModel, quality_report
+
+    pair, outputs, _ = adversarial
+    result = outputs.result
+    fixed = volume_from_node(pair.fixed)
+    expected = quality_report(fixed, result.warped, result.field, model=QualityModel(QUALITY_MODEL, device="cpu"))
+    assert outputs.quality["verdict"] == expected["verdict"] in ("good", "check", "failed")
+    assert outputs.quality["d_score"] == pytest.approx(expected["d_score"], rel=1e-5)
+    row = table_row(outputs.metrics)
+    assert row["verdict"] == expected["verdict"]
+    assert row["tre_estimate_mm"] == pytest.approx(expected["tre_estimate_mm"], rel=1e-4)
+    assert 0 <= row["plausibility"] <= 1
+
+
 def test_inputs_are_not_modified(adversarial):
     pair, _, before = adversarial
     for node, was in zip((pair.fixed, pair.moving, pair.fixed_segmentation, pair.moving_segmentation), before):
@@ -390,6 +406,7 @@ BAD_INPUTS = {
     ),
     "unknown option": (lambda p, s: dict(options={**ADVERSARIAL, "iterations": 3}), "has no option iterations"),
     "unknown model": (lambda p, s: dict(options={**ADVERSARIAL, "model": "no_such_model"}), "no model named 'no_such_model'"),
+    "unknown quality model": (lambda p, s: dict(quality_model="no_such_critic"), "no model named 'no_such_critic'"),
     "fine-tuning without segmentations": (
         lambda p, s: dict(options={**ADVERSARIAL, "finetune_steps": 5}, fixed_segmentation=None, moving_segmentation=None),
         "fine-tuning on this pair needs fixed and moving segmentations",

@@ -51,6 +51,7 @@ class RegistrationOutputs:
     metrics: object  # vtkMRMLTableNode: one row (method, seconds, Jacobian statistics, Dice per segment)
     warped_segmentation: object | None  # vtkMRMLSegmentationNode on the fixed grid, when segmentations were given
     result: object  # priorreg.registration.RegistrationResult
+    quality: dict | None = None  # priorreg.quality.quality_report of the result, when a quality model was given
 
     def nodes(self) -> list:
         """The created nodes (the shared Jacobian colour table is not one of them)."""
@@ -304,7 +305,16 @@ def _warped_segmentation(scene, labels: Volume, moving_segmentation, moving_ids:
     return node
 
 
-def _output_nodes(scene, result, fixed_node, moving_node, inputs, moving_segmentation, options, prefix, steps):
+# Rows the quality report adds to a registration's metrics table.
+QUALITY_ROWS = {
+    "verdict": ("", "quality verdict: good, check or failed (priorreg.quality; the critic's model card has the thresholds)"),
+    "tre_estimate_mm": ("mm", "target registration error estimated by the quality critic"),
+    "d_score": ("", "AIR-net critic's score of the fixed and warped pair (higher: better aligned)"),
+    "plausibility": ("", "probability that the field's non-affine part looks biomechanically plausible"),
+}
+
+
+def _output_nodes(scene, result, fixed_node, moving_node, inputs, moving_segmentation, options, prefix, steps, quality=None):
     """Every output node, created in `temporary_nodes` so that a failure or cancel leaves none behind."""
     from .. import metrics
     from ..jacobian import jacobian_stats, jacobian_volume
@@ -353,9 +363,11 @@ def _output_nodes(scene, result, fixed_node, moving_node, inputs, moving_segment
             names = _segment_names(moving_segmentation)
             rows.append(("dice_mean", float(np.mean(list(dice.values()))), "", "mean Dice of the fixed and warped segments"))
             rows += [(f"dice {names[m]}", dice[v], "", f"Dice of fixed and warped '{names[m]}'") for v, (_, m) in zip(values, inputs.segment_pairs)]
+        if quality is not None:
+            rows += [(key, quality[key], *QUALITY_ROWS[key]) for key in QUALITY_ROWS if key in quality]
         steps.tick("outputs: metrics", float("nan"))
         table = keep(_metrics_table(scene, f"{prefix} metrics", rows))
-    return RegistrationOutputs(warped, transform, jacobian, table, segmentation, result)
+    return RegistrationOutputs(warped, transform, jacobian, table, segmentation, result, quality)
 
 
 def register_nodes(
@@ -370,6 +382,7 @@ def register_nodes(
     progress=None,
     cancel=None,
     output_prefix: str | None = None,
+    quality_model: str | None = None,
 ) -> RegistrationOutputs:
     """Register `moving_node` to `fixed_node` with a `priorreg` method and add the results to the scene.
 
@@ -380,6 +393,10 @@ def register_nodes(
     gain a warped segmentation and Dice per segment. `progress(Progress)` is called at every
     step of the method and of the output creation, `cancel()` before each; when it returns
     True, `Cancelled` is raised.
+
+    With `quality_model` (an AIR-net model name or file, e.g. "airnet_mrus"), the result is
+    scored (`priorreg.quality.quality_report`: verdict, estimated TRE, D-score, plausibility)
+    and the report goes into `outputs.quality` and the metrics table.
 
     The inputs are checked before anything is created (`ValueError` with a message for the
     user) and never modified. On `Cancelled` or any error, every node this call added is
@@ -395,14 +412,22 @@ def register_nodes(
     _check_options(method, options, inputs)
     if method == "adversarial":
         check_model(options.get("model", _default_option(method, "model")), fixed_node, moving_node)
+    if quality_model is not None:
+        model_card(quality_model)  # a missing critic is an input error, found before the registration runs
 
     result = register(
         inputs.fixed, inputs.moving, method, fixed_labels=inputs.fixed_labels, moving_labels=inputs.moving_labels,
         progress=progress, cancel=cancel, **options,
     )
+    quality = None
+    if quality_model is not None:
+        from ..quality import QualityModel, quality_report
+
+        device = "cpu" if options.get("device", "auto") == "auto" else options["device"]
+        quality = quality_report(inputs.fixed, result.warped, result.field, model=QualityModel(quality_model, device=device))
     prefix = output_prefix or f"{moving_node.GetName()} {method}"
     steps = Monitor(5 if inputs.fixed_labels is not None else 4, progress, cancel)
-    return _output_nodes(scene, result, fixed_node, moving_node, inputs, moving_segmentation, options, prefix, steps)
+    return _output_nodes(scene, result, fixed_node, moving_node, inputs, moving_segmentation, options, prefix, steps, quality)
 
 
 # -------------------------------------------------------------------------------------- display
