@@ -6,8 +6,9 @@ corresponding labels, so the reference is a label-driven fit: an affine plus a s
 local field (a coarse control grid, trilinearly up-sampled, so it cannot fold at this
 resolution), minimising the gland's multiscale Dice and the squared distance between
 mapped fixed landmark centroids and their moving centroids. It runs in the adversarial
-method's model frame (3 mm voxels), takes about a second per pair, and leaves about
-1 mm landmark error (the residual is reported with every reference: `tre_rms_mm`).
+method's model frame (3 mm voxels), takes about 10 s per pair on one CPU thread (cached), and
+leaves under 1 mm landmark error on the shared MR-US pairs (median 0.26 mm; the residual is
+reported with every reference: `tre_rms_mm`).
 
 The reference uses the landmarks the evaluation measures TRE on: that is the point
 (it is the best available stand-in for the truth), and why it is never a method.
