@@ -41,7 +41,8 @@ DEFAULTS: dict = {
     "frame": {"shape": [24, 32, 24], "spacing": 3.0, "margin": 8},
     "network": {"width": 32, "dims": 3, "transform": "rigid"},
     # tre_weight > 0 adds PriorReg's error regression to the critic (methods.airnet.error_regression_loss)
-    "critic": {"mode": "clip", "clip": 0.01, "gp_weight": 10.0, "n_critic": 2, "impostors": 0.25, "tre_weight": 0.0},
+    # gp_fakes: "corrected" (the generator's fakes, as WGAN-GP) or "all" (perturbed pairs and impostors too)
+    "critic": {"mode": "clip", "clip": 0.01, "gp_weight": 10.0, "n_critic": 2, "impostors": 0.25, "tre_weight": 0.0, "gp_fakes": "corrected"},
     "perturbation": {"rotation_deg": 25.0, "translation_mm": 5.0},
     "weights": {"adversarial": 1.0, "perturbation": 1.0},
     "iterations": 2000,
@@ -57,6 +58,8 @@ DEFAULTS: dict = {
 def check_config(config: dict) -> dict:
     if config["network"]["transform"] not in air.TRANSFORMS:
         raise ConfigError(f"network.transform must be one of {tuple(air.TRANSFORMS)}, got {config['network']['transform']!r}")
+    if config["critic"]["gp_fakes"] not in ("corrected", "all"):
+        raise ConfigError(f"critic.gp_fakes must be 'corrected' or 'all', got {config['critic']['gp_fakes']!r}")
     if config["critic"]["mode"] not in air.CRITICS:
         raise ConfigError(f"critic.mode must be one of {air.CRITICS}, got {config['critic']['mode']!r}")
     if config["data"]["task"] != "mrus_prostate":
@@ -196,7 +199,7 @@ class AirnetTrainer(TrainingRun):
                 fake_w.append(w)
             real = (batch["fixed"], batch["aligned"])
             fake = (torch.cat(fake_f), torch.cat(fake_w))
-            loss_c, d_real, d_fake = air.critic_loss(self.critic_p, real, fake, cc["mode"], cc["gp_weight"])
+            loss_c, d_real, d_fake = air.critic_loss(self.critic_p, real, fake, cc["mode"], cc["gp_weight"], cc["gp_fakes"])
             tre_fit = torch.zeros(())
             if cc["tre_weight"] > 0:  # real, corrected and perturbed pairs have known landmark TRE
                 n = len(batch["idx"])

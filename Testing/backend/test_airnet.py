@@ -64,6 +64,8 @@ def test_standardise_and_critic_losses():
     assert plain.item() == pytest.approx((d_fake.mean() - d_real.mean()).item(), abs=1e-6)
     penalised, _, _ = air.critic_loss(critic, real, fake, "gp")
     assert penalised.item() > plain.item()  # the penalty is non-negative and almost surely positive
+    everywhere, _, _ = air.critic_loss(critic, real, fake, "gp", gp_fakes="all")
+    assert everywhere.item() > plain.item()
     tre = torch.tensor([1.0, 4.0, float("nan")])
     assert air.error_regression_loss(torch.tensor([-1.0, -2.0, 5.0]), tre).item() == pytest.approx(2.0)  # (0 + 4) / 2
     air.clip_weights(critic, 0.01)

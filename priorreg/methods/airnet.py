@@ -152,17 +152,21 @@ def impostor(kind: str, fixed: torch.Tensor, aligned: torch.Tensor) -> tuple[tor
 
 
 # ----------------------------------------------------------------------------------------- losses
-def critic_loss(critic, real: tuple, fake: tuple, mode: str, gp_weight: float = 10.0):
+def critic_loss(critic, real: tuple, fake: tuple, mode: str, gp_weight: float = 10.0, gp_fakes: str = "corrected"):
     """Wasserstein critic loss `E D(fake) - E D(real)` (+ gradient penalty in mode "gp").
 
+    The penalty is taken between real pairs and the first fakes (`gp_fakes="corrected"`: the
+    generator's, as WGAN-GP does) or fakes drawn from all of them (`"all"`: perturbed pairs and
+    impostors too, so that the critic stays Lipschitz where they lie).
     Returns the loss and the critic's outputs `[B]` on the real and the fake pairs.
     """
     d_real, d_fake = critic(*real)[:, 0], critic(*fake)[:, 0]
     loss = d_fake.mean() - d_real.mean()
     if mode == "gp":
         n = min(real[0].shape[0], fake[0].shape[0])
+        pick = torch.randperm(fake[0].shape[0], device=fake[0].device)[:n] if gp_fakes == "all" else torch.arange(n)
         eps = torch.rand(n, 1, 1, 1, 1, device=real[0].device)
-        mixed = [(eps * r[:n] + (1 - eps) * f[:n]).requires_grad_(True) for r, f in zip(real, fake)]
+        mixed = [(eps * r[:n] + (1 - eps) * f[pick]).requires_grad_(True) for r, f in zip(real, fake)]
         grads = torch.autograd.grad(critic(*mixed).sum(), mixed, create_graph=True)
         norm = torch.cat([g.flatten(1) for g in grads], 1).norm(dim=1)
         loss = loss + gp_weight * (norm - 1).square().mean()
