@@ -28,15 +28,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from scipy.optimize import isotonic_regression
 from scipy.stats import rankdata, spearmanr
 
 from . import data, metrics
+from .evaluate import versions
 from .files import atomic_write
 from .jacobian import jacobian_stats
 from .methods import airnet as air
-from .methods.adversarial import frame_centres
+from .methods.adversarial import LoadedModel, frame_centres, normalise_field
 from .reference import cached_reference, reference_field
 from .spatial import Grid, field_tensor, field_volume, resample, sample
 from .volume import Volume
@@ -104,8 +106,6 @@ class QualityModel:
         self.thresholds = self.airnet.card.get("thresholds_mm", THRESHOLDS_MM)
         self.adversarial = None
         if plausibility:
-            from .methods.adversarial import LoadedModel
-
             loaded = LoadedModel.load(plausibility, device)
             self.adversarial = loaded if loaded.disc is not None else None
 
@@ -126,8 +126,6 @@ class QualityModel:
         y = u.reshape(3, -1).T
         affine_part = design @ torch.linalg.lstsq(design, y).solution
         local = (y - affine_part).T.reshape(1, *u.shape).float()
-        from .methods.adversarial import normalise_field
-
         with torch.no_grad():
             logit = model.disc(normalise_field(local.to(model.device), model.card["field_norm"]))
         return float(torch.sigmoid(logit).item())
@@ -239,8 +237,6 @@ def known_error_samples(pair: data.Pair, model: air.LoadedAirNet, per_pair: int,
 
 def mutual_information(fixed: Volume, warped: Volume) -> float:
     """Mattes mutual information (SimpleITK, 50 bins) of two images on one grid: the classical peer of the D-score."""
-    import SimpleITK as sitk
-
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(50)
     method.SetInitialTransform(sitk.Transform(3, sitk.sitkIdentity))
@@ -300,8 +296,6 @@ def evaluate_quality(
             within_1_5mm=float(np.mean(err <= 1.5)),
             verdict_good_tre_max_mm=float(tre[est <= q.thresholds["good"]].max()) if (est <= q.thresholds["good"]).any() else float("nan"),
         )
-    from .evaluate import versions
-
     return {
         "task": "quality",
         "method": "airnet critic",

@@ -143,6 +143,25 @@ def backend_moved_ras(result, ras: np.ndarray) -> np.ndarray:
     return (lps + u[0].numpy().T) * FLIP
 
 
+def mrb_round_trip(scene, path):
+    """`scene` written to `path` with `WriteToMRB` and read back into a new scene, which is returned.
+
+    Reading an MRB unpacks into the scene's cache folder, which Slicer's application logic sets
+    up; a bare scene has none, so the new scene gets a data IO manager with a cache manager.
+    """
+    assert scene.WriteToMRB(str(path)) and path.is_file()
+    reloaded = slicer.vtkMRMLScene()
+    cache = slicer.vtkCacheManager()
+    (path.parent / "cache").mkdir()
+    cache.SetRemoteCacheDirectory(str(path.parent / "cache"))
+    io = slicer.vtkDataIOManager()
+    io.SetCacheManager(cache)
+    reloaded.SetDataIOManager(io)
+    reloaded.SetCacheManager(cache)
+    assert reloaded.ReadFromMRB(str(path))
+    return reloaded
+
+
 def table_row(table) -> dict:
     out = {}
     for c in range(table.GetNumberOfColumns()):
@@ -286,24 +305,11 @@ def test_scene_saves_as_mrb_and_reloads_with_the_same_outputs(pair, shipped_mode
     """Saved with `vtkMRMLScene.WriteToMRB`, read back with `ReadFromMRB`.
 
     `slicer.util.saveScene` needs `slicer.app` (the application's IO manager), absent from the
-    wheel; the scene's own `WriteToMRB` works as it is. `ReadFromMRB` unpacks the bundle into
-    the scene's cache folder, which Slicer's application logic sets up; a bare scene has no
-    data IO manager, so the test gives it one with a cache manager (both real MRML classes).
+    wheel; the scene's own `WriteToMRB` works as it is (see `mrb_round_trip` for the reading side).
     """
     scene = pair.scene
     outputs = register_nodes(pair.fixed, pair.moving, "adversarial", ADVERSARIAL, pair.fixed_segmentation, pair.moving_segmentation, scene=scene)
-    path = tmp_path / "registered.mrb"
-    assert scene.WriteToMRB(str(path)) and path.is_file()
-
-    reloaded = slicer.vtkMRMLScene()
-    cache = slicer.vtkCacheManager()
-    (tmp_path / "cache").mkdir()
-    cache.SetRemoteCacheDirectory(str(tmp_path / "cache"))
-    io = slicer.vtkDataIOManager()
-    io.SetCacheManager(cache)
-    reloaded.SetDataIOManager(io)
-    reloaded.SetCacheManager(cache)
-    assert reloaded.ReadFromMRB(str(path))
+    reloaded = mrb_round_trip(scene, tmp_path / "registered.mrb")
 
     def again(node):
         found = reloaded.GetNodeByID(node.GetID())

@@ -18,7 +18,7 @@ import torch
 
 slicer = pytest.importorskip("slicer")
 from slicer.util import vtkMatrixFromArray
-from test_modules import assert_same_state, ijk_to_ras, node_ids, state
+from test_modules import assert_same_state, ijk_to_ras, mrb_round_trip, node_ids, state
 
 from priorreg import models, quality
 from priorreg.registration import Cancelled
@@ -328,23 +328,12 @@ def test_cancel_or_error_leaves_the_scene_as_it_was(shared_data, shift, quality_
 
 # ------------------------------------------------------------------------------------ save, reload
 def test_scene_saves_as_mrb_and_reloads_with_the_table(shared_data, shift, quality_model, tmp_path):
-    """Written with `vtkMRMLScene.WriteToMRB`, read back as test_modules.py does (see there why the cache manager)."""
+    """Written with `vtkMRMLScene.WriteToMRB` and read back (test_modules.mrb_round_trip)."""
     pair = mrus_test_pair(slicer.vtkMRMLScene(), shared_data)
     scene = pair.scene
     transform = transform_node_from_field(shift[0], "shift", scene)
     outputs = bridge.score_nodes(pair.fixed, moving_node=pair.moving, transform_node=transform, model=quality_model)
-    path = tmp_path / "scored.mrb"
-    assert scene.WriteToMRB(str(path)) and path.is_file()
-
-    reloaded = slicer.vtkMRMLScene()
-    cache = slicer.vtkCacheManager()
-    (tmp_path / "cache").mkdir()
-    cache.SetRemoteCacheDirectory(str(tmp_path / "cache"))
-    io = slicer.vtkDataIOManager()
-    io.SetCacheManager(cache)
-    reloaded.SetDataIOManager(io)
-    reloaded.SetCacheManager(cache)
-    assert reloaded.ReadFromMRB(str(path))
+    reloaded = mrb_round_trip(scene, tmp_path / "scored.mrb")
 
     table = reloaded.GetNodeByID(outputs.table.GetID())
     assert table is not None and table.GetName() == outputs.table.GetName()
