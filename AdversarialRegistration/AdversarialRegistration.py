@@ -24,11 +24,20 @@ from slicer.util import VTKObservationMixin
 
 from priorreg.registration import Cancelled
 from priorreg.slicer.dependencies import ensure_dependencies
-from priorreg.slicer.logic import display_outputs, model_card, model_summary, register_nodes, set_foreground_opacity
+from priorreg.slicer.logic import (
+    REGISTRATION_NETWORKS,
+    display_outputs,
+    matching_critic,
+    model_card,
+    model_summary,
+    register_nodes,
+    registration_models,
+    set_foreground_opacity,
+)
 from priorreg.slicer.quality import verdict_text
 
 DEFAULT_MODEL = "adversarial_mrus"
-QUALITY_MODEL = "airnet_mrus"  # AIR-net's critic, trained on the same MR-TRUS data: scores every result
+MATCHING_CRITIC = "matching"  # score with a shipped critic trained on the model's data set, where there is one
 
 
 class AdversarialRegistration(ScriptedLoadableModule):
@@ -39,8 +48,9 @@ class AdversarialRegistration(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["PriorReg developers"]
         self.parent.helpText = (
-            "Deformable registration with a network trained with adversarial deformation regularization "
-            "(Hu et al., 2018): one forward pass, optionally fine-tuned on the current pair. Outputs: the moving "
+            "Deformable registration with a trained network, one forward pass: adversarial deformation "
+            "regularization (Hu et al., 2018; MR to TRUS, optionally fine-tuned on the current pair) or symmetric "
+            "spatial-gradient registration (Estienne et al., 2020; brain MR). The model's card says which. Outputs: the moving "
             "volume warped onto the fixed grid, a grid transform usable on segmentations and markups, the "
             "Jacobian determinant map (folding in yellow) and a metrics table."
         )
@@ -135,12 +145,12 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         combo.blockSignals(True)
         combo.clear()
         try:
-            from priorreg.models import available_models
+            models = registration_models()
         except ImportError:  # torch is not installed yet; Apply installs it
             combo.addItem(DEFAULT_MODEL)
             self.ui.modelSummaryLabel.text = "Model details appear once PyTorch is installed (Apply installs it)."
         else:
-            for name, card in available_models().items():
+            for name, card in models.items():
                 combo.addItem(name)
                 combo.setItemData(combo.count - 1, model_summary(card), qt.Qt.ToolTipRole)
             if combo.findText(current) < 0:
@@ -233,21 +243,28 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def register(
         self, fixed, moving, model=DEFAULT_MODEL, device="auto", fixed_segmentation=None, moving_segmentation=None,
-        finetune_steps=0, progress=None, cancel=None, scene=None, quality_model=QUALITY_MODEL,
+        finetune_steps=0, progress=None, cancel=None, scene=None, quality_model=MATCHING_CRITIC,
     ):
         """Register `moving` to `fixed`; returns `priorreg.slicer.RegistrationOutputs` (the new nodes).
 
-        `model`: a shipped model name or a `.safetensors` path. `finetune_steps` > 0 first tunes a
-        copy of the network on this pair, on the segmentations (both needed). `quality_model`: the
-        AIR-net critic that scores the result (`outputs.quality`; None: no score). Raises `ValueError`
-        for unusable inputs and `Cancelled` when `cancel()` returns True; either way the scene is
-        left as it was.
+        `model`: a shipped model name or a `.safetensors` path; its card's method (adversarial or
+        symmetric) is run. `finetune_steps` > 0 first tunes a copy of an adversarial network on this
+        pair, on the segmentations (both needed). `quality_model`: the AIR-net critic that scores the
+        result (`outputs.quality`); by default a shipped critic trained on the model's data set, none
+        where there is no such critic; None: no score. Raises `ValueError` for unusable inputs and
+        `Cancelled` when `cancel()` returns True; either way the scene is left as it was.
         """
+        card = model_card(model)
+        method = card.get("method")
+        if method not in REGISTRATION_NETWORKS:
+            raise ValueError(f"model '{model}' is a {method!r} model; choose a registration network ({', '.join(REGISTRATION_NETWORKS)})")
+        if quality_model == MATCHING_CRITIC:
+            quality_model = matching_critic(card)
         options = {"model": model, "device": device}
         if finetune_steps:
             options["finetune_steps"] = finetune_steps
         return register_nodes(
-            fixed, moving, "adversarial", options, fixed_segmentation, moving_segmentation,
+            fixed, moving, method, options, fixed_segmentation, moving_segmentation,
             scene=scene, progress=progress, cancel=cancel, quality_model=quality_model,
         )
 

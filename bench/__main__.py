@@ -1,7 +1,8 @@
 """`python -m bench run --suite accuracy --data-root PATH --out DIR`: every method and peer, same pairs.
 
 `python -m bench regularizers ...` reruns seed 000's Table 1 (see `bench/regularizers.py`);
-`python -m bench speed ...` times registrations against volume size (see `bench/speed.py`).
+`python -m bench speed ...` times registrations against volume size (see `bench/speed.py`);
+`python -m bench readme` copies `results.md` into the README (see `bench/readme.py`).
 
 Writes `DIR/<task>.json` (ARCHITECTURE.md's evaluation format, one entry per
 method), `DIR/results.md` (the tables the README quotes) and `DIR/<task>.png`
@@ -26,16 +27,28 @@ from priorreg.methods import METHODS
 
 from .peers import PEERS, THREADS, available
 
-# Suites: task -> seeded pair count by default. MR-US uses the patient-level test split.
+ROOT = Path(__file__).resolve().parent.parent
+
+# Suites: task -> seeded pair count by default, on the test split (patients or subjects no model trained on).
 # Sized for one 2-core CPU run of every method and peer in about half an hour; raise with --pairs.
-ACCURACY = {"hippocampus": {"pairs": 8, "split": "all"}, "mrus_prostate": {"pairs": 5, "split": "test"}}
+ACCURACY = {
+    "hippocampus": {"pairs": 8, "split": "test"},
+    "mrus_prostate": {"pairs": 5, "split": "test"},
+    # Known deformations of co-registered scans (seed 002) have no split: 3 pairs are T1 -> T2 on each of the 3 patients.
+    "brain_t1t2": {"pairs": 3, "split": "all"},
+}
 # Per-task options for PriorReg's methods (MR and TRUS headers are in unrelated frames).
-OPTIONS = {"mrus_prostate": {"iterative": {"init": "centres"}, "dip": {"init": "centres", "similarity": "lncc"}}}
+OPTIONS = {
+    "mrus_prostate": {"iterative": {"init": "centres"}, "dip": {"init": "centres", "similarity": "lncc"}},
+    # T1 -> T2/FLAIR: unrelated intensities, so seed 002's local gradient (edge directions), not LNCC or MAE.
+    "brain_t1t2": {"iterative": {"similarity": "local_gradient"}, "dip": {"similarity": "local_gradient"}},
+}
 # Trained networks run only on the task their shipped model was trained for.
-ONLY_ON = {"adversarial": {"mrus_prostate"}, "airnet": {"mrus_prostate"}}
+ONLY_ON = {"adversarial": {"mrus_prostate"}, "airnet": {"mrus_prostate"}, "symmetric": {"hippocampus"}}
 COLUMNS = {
     "hippocampus": ["dice_mean", "dice30", "hd95_mm", "sdlogj", "folding_pct", "seconds_per_pair"],
     "mrus_prostate": ["tre_median_mm", "tre_iqr_low_mm", "tre_iqr_high_mm", "dice_mean", "folding_pct", "seconds_per_pair"],
+    "brain_t1t2": ["epe_mm", "rmse", "folding_pct", "seconds_per_pair"],
 }
 
 
@@ -79,7 +92,10 @@ def plot(task: str, reports: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, label = ("tre_mm", "landmark TRE (mm)") if task == "mrus_prostate" else ("dice_mean", "mean Dice")
+    key, label = {
+        "mrus_prostate": ("tre_mm", "landmark TRE (mm)"),
+        "brain_t1t2": ("epe_mm", "mean end-point error (mm)"),
+    }.get(task, ("dice_mean", "mean Dice"))
     names, values = [], []
     for name, r in reports.items():
         if "pairs" in r:
@@ -117,13 +133,16 @@ def main(argv=None) -> int:
     sh.add_argument("--results", required=True, help="mrus_regularizers.json (python -m bench regularizers) or a priorreg evaluate --json report")
     sh.add_argument("--variant", default="adversarial")
     sh.add_argument("--name", default="adversarial_mrus")
-    sh.add_argument("--dest", default=str(Path(__file__).resolve().parent.parent / "Resources" / "Models"))
+    sh.add_argument("--dest", default=str(ROOT / "Resources" / "Models"))
     a = sub.add_parser("airnet", help="AIR-net models compared on the test patients: quality score and registration")
     a.add_argument("--data-root")
     a.add_argument("--models", nargs="+", required=True, help="trained .safetensors files (priorreg train, method airnet)")
     a.add_argument("--per-pair", type=int, default=20)
     a.add_argument("--out", required=True)
     a.add_argument("--ship", help="then copy this one of --models into Resources/Models as airnet_mrus")
+    rd = sub.add_parser("readme", help="copy the results tables (results.md) into the README's results block")
+    rd.add_argument("--results", default=str(ROOT / "bench" / "results" / "results.md"))
+    rd.add_argument("--readme", default=str(ROOT / "README.md"))
     sp = sub.add_parser("speed", help="seconds per registration and peak memory vs volume size")
     sp.add_argument("--data-root")
     sp.add_argument("--out", required=True)
@@ -133,6 +152,12 @@ def main(argv=None) -> int:
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
+    if args.command == "readme":
+        from .readme import update
+
+        changed = update(Path(args.readme), Path(args.results))
+        print(f"{args.readme}: {'updated from' if changed else 'already shows'} {args.results}")
+        return 0
     if args.command == "ship":
         from .regularizers import ship
 
@@ -143,7 +168,7 @@ def main(argv=None) -> int:
 
         print(airnet.run(args.models, args.data_root, Path(args.out), args.per_pair))
         if args.ship:
-            dest = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+            dest = ROOT / "Resources" / "Models"
             print(f"shipped {airnet.ship(Path(args.out) / 'airnet_mrus.json', args.ship, 'airnet_mrus', dest)}")
         return 0
     if args.command == "speed":

@@ -24,7 +24,11 @@ THREADS = int(os.environ.get("PRIORREG_BENCH_THREADS", "2"))
 
 
 def _ants_syn(fixed: Volume, moving: Volume) -> Volume:
-    """ANTsPy affine + SyN (mutual information for the affine, the defaults of `ants.registration`)."""
+    """ANTsPy affine + SyN, both driven by Mattes mutual information (multimodal pairs such as brain_t1t2).
+
+    MI is `ants.registration`'s default for both stages; it is named here so that an upstream
+    change of default cannot silently turn the multimodal benchmark into a same-modality one.
+    """
     import ants
 
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(THREADS)
@@ -33,7 +37,9 @@ def _ants_syn(fixed: Volume, moving: Volume) -> Volume:
         Volume(fixed.array.astype(np.float32), fixed.spacing, fixed.origin, fixed.direction).write(f_path)
         Volume(moving.array.astype(np.float32), moving.spacing, moving.origin, moving.direction).write(m_path)
         f, m = ants.image_read(str(f_path)), ants.image_read(str(m_path))
-        reg = ants.registration(f, m, type_of_transform="SyN", outprefix=str(Path(tmp, "reg_")))
+        reg = ants.registration(
+            f, m, type_of_transform="SyN", aff_metric="mattes", syn_metric="mattes", outprefix=str(Path(tmp, "reg_"))
+        )
         composed = ants.apply_transforms(f, m, transformlist=reg["fwdtransforms"], compose=str(Path(tmp, "u_")))
         return _field_from_file(composed)
 

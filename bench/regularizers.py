@@ -99,12 +99,13 @@ def ship(results: Path, variant: str, name: str, dest: Path) -> Path:
     tre = [t for p in report["pairs"] for t in p.get("tre_mm", [])]
     dice = [p["dice_mean"] for p in report["pairs"] if "dice_mean" in p]
     card["name"] = name
+    mrus = report.get("task", "mrus_prostate") == "mrus_prostate"
     card["metrics"] = {
         "split": report.get("split"),
         "test_patients": card["training"]["patients"]["test"],
         "summary": report["summary"],
-        "tre_median_iqr_mm": _median_iqr(tre),
-        "gland_dice_median_iqr": _median_iqr(dice),
+        **({"tre_median_iqr_mm": _median_iqr(tre)} if tre else {}),
+        ("gland_dice_median_iqr" if mrus else "dice_median_iqr"): _median_iqr(dice),
         "baselines": {k: reports[k]["summary"] for k in ("identity", "centres") if k in reports and "pairs" not in reports},
         "source": f"evaluation report {Path(results).name}",
     }

@@ -26,7 +26,7 @@ from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
 
 
-DEFAULT_MODELS = {"adversarial": "adversarial_mrus", "airnet": "airnet_mrus"}  # --method -> shipped model
+DEFAULT_MODELS = {"adversarial": "adversarial_mrus", "airnet": "airnet_mrus", "symmetric": "symmetric_hippocampus"}  # --method -> shipped model
 
 
 def _progress_bar(total_desc: str):
@@ -228,10 +228,11 @@ def cmd_train(args) -> int:
 
     def progress(row: dict, total: int) -> None:
         bar.n = row["iteration"]
-        shown = {k: round(row[k], 3) for k in ("label", "regularizer", "discriminator", "val_tre_median_mm", "val_dice") if k in row}
+        shown = {k: round(row[k], 3) for k in ("loss", "label", "regularizer", "discriminator", "critic", "val_tre_median_mm", "val_dice") if k in row}
         bar.set_postfix(shown, refresh=True)
-        if "val_dice" in row:
-            bar.write(f"iteration {row['iteration']}: validation TRE median {row['val_tre_median_mm']:.2f} mm, Dice {row['val_dice']:.3f}")
+        validation = {k: v for k, v in row.items() if k.startswith("val_") and isinstance(v, float)}
+        if validation:
+            bar.write(f"iteration {row['iteration']}: " + ", ".join(f"{k} {v:.3f}" for k, v in validation.items()))
 
     try:
         last = train(config, args.out, progress)
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-steps", type=int, default=0,
         help="adversarial: fine-tune a copy of the network on this pair first (with --label-channels and/or --similarity)",
     )  # fmt: skip
-    r.add_argument("--model", help="trained model name or .safetensors path (default: adversarial_mrus, airnet_mrus)")
+    r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--passes", type=int, default=1, help="airnet: generator passes, each undoing the remaining misalignment")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=cmd_register)
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    v.add_argument("--model", help="trained model name or .safetensors path (default: adversarial_mrus, airnet_mrus)")
+    v.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     v.add_argument("--per-pair", type=int, default=20, help="quality: known-error alignments scored per pair")
     v.add_argument("--json", help="write the full report here")
     v.set_defaults(func=cmd_evaluate)

@@ -199,6 +199,13 @@ def hippocampus_subjects(root: str | os.PathLike | None = None) -> list[str]:
     return ids
 
 
+def hippocampus_files(subject: str, root: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The image and label file of one subject."""
+    folder = _folder(root, "hippocampus")
+    name = f"hippocampus_{subject}.nii.gz"
+    return _require(folder / "images" / name), _require(folder / "labels" / name)
+
+
 def hippocampus_pairs(
     root: str | os.PathLike | None = None,
     n: int | None = None,
@@ -225,13 +232,9 @@ def hippocampus_pairs(
         ks = random.Random(seed).sample(range(len(ids) * m), n)
         index_pairs = [(k // m, k % m + (k % m >= k // m)) for k in ks]
 
-    def files(s):
-        name = f"hippocampus_{s}.nii.gz"
-        return _require(folder / "images" / name), _require(folder / "labels" / name)
-
     pairs = []
     for a, b in index_pairs:
-        (fi, fl), (mi, ml) = files(ids[a]), files(ids[b])
+        (fi, fl), (mi, ml) = hippocampus_files(ids[a], root), hippocampus_files(ids[b], root)
         pairs.append(Pair(f"{ids[b]}_to_{ids[a]}", fi, mi, fl, ml, group=ids[a], moving_group=ids[b]))
     return pairs
 

@@ -4,7 +4,8 @@ Labels are never given to the method here: the method sees images only (unless
 a caller says otherwise), and this module warps the moving labels through the
 returned field to score it. MR-US labels are 4D (channel 0 gland, 1.. landmarks:
 gland Dice/HD95 and landmark TRE); other data sets have integer label maps
-(Dice per structure, HD95).
+(Dice per structure, HD95). `brain_t1t2` pairs come with their true field
+(`known_deformations`): end-point error and RMSE against the truly warped moving image.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, data, metrics
+from . import __version__, data, known_deformations, metrics
 from .jacobian import jacobian_stats
 from .methods.common import normalise_intensity
 from .registration import register
@@ -29,6 +30,15 @@ TASKS: dict[str, tuple[Callable, bool]] = {
     "mrus_prostate": (lambda root, n, seed: data.mrus_pairs(root), False),
     "hippocampus": (lambda root, n, seed: data.hippocampus_pairs(root, n=n, seed=seed), True),
     "oasis": (lambda root, n, seed: data.oasis_pairs(root), True),
+    # Multimodal (T1 -> T2, FLAIR): no intensity comparison with the fixed image, but with the
+    # moving image warped by the known field. `n` deformations per set is always enough for the
+    # first `n` pairs; on seed 002's grid size at most (`EVAL_MAX_VOXELS`).
+    "brain_t1t2": (
+        lambda root, n, seed: known_deformations.known_deformation_pairs(
+            root, n=2 if n is None else max(n, 1), seed=seed, max_voxels=known_deformations.EVAL_MAX_VOXELS
+        ),
+        False,
+    ),
 }
 
 
@@ -70,6 +80,22 @@ def pair_metrics(
     return out
 
 
+def known_field_metrics(field: Volume, true_field: Volume, moving: Volume, mask: Volume) -> dict:
+    """`epe_mm`, `epe_median_mm` over `mask`, and `rmse` of the warped moving image against the truth.
+
+    The truth is the moving image warped by `true_field`, through the same robust [0, 1] scaling
+    and the same linear resampling as the estimate (so the true field scores exactly 0), over
+    the whole fixed grid as for the other tasks' RMSE.
+    """
+    grid = Grid.of(true_field)
+    out = known_deformations.end_point_error(field, true_field, mask)
+    scaled = moving.with_array(normalise_intensity(moving.array))
+    warped = resample(scaled, grid, field, mode="linear").array.astype(np.float64)
+    truth = resample(scaled, grid, true_field, mode="linear").array.astype(np.float64)
+    out["rmse"] = metrics.rmse(truth, warped)
+    return out
+
+
 def summarise(pairs: list[dict]) -> dict:
     """ARCHITECTURE.md's summary names, over all pairs (TRE pooled over every landmark)."""
     s: dict[str, float] = {"n_pairs": len(pairs)}
@@ -82,7 +108,7 @@ def summarise(pairs: list[dict]) -> dict:
     if dice.size:
         s["dice_mean"] = float(dice.mean())
         s["dice30"] = float(np.sort(dice)[: max(1, int(np.ceil(0.3 * dice.size)))].mean())
-    for key in ("hd95_mm", "sdlogj", "folding_pct", "detj_mean", "detj_std", "ssim", "rmse", "seconds"):
+    for key in ("hd95_mm", "sdlogj", "folding_pct", "detj_mean", "detj_std", "ssim", "rmse", "epe_mm", "epe_median_mm", "seconds"):
         values = [p[key] for p in pairs if key in p and np.isfinite(p[key])]
         if values:
             s["seconds_per_pair" if key == "seconds" else key] = float(np.mean(values))
@@ -124,9 +150,20 @@ def evaluate_task(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
     loader, intensity = TASKS[task]
-    pairs = loader(root, n_pairs, seed)
-    if split != "all":
-        pairs = data.split_by_patient(pairs, seed=seed)[split]
+    if task == "brain_t1t2" and split != "all":
+        raise ValueError(
+            f"split {split!r}: task brain_t1t2 has no train/val/test split (three patients, deformed anew "
+            "by seeded known fields); use split 'all' and choose the fields with --seed"
+        )
+    if task == "hippocampus" and split != "all":
+        # Split the subjects first and pair within the split (the trainer's cut, `split_groups`),
+        # rather than dropping the sampled pairs that straddle two splits.
+        subjects = data.split_groups(data.hippocampus_subjects(root), seed=seed)[split]
+        pairs = data.hippocampus_pairs(root, n=n_pairs, seed=seed, subjects=subjects)
+    else:
+        pairs = loader(root, n_pairs, seed)
+        if split != "all":
+            pairs = data.split_by_patient(pairs, seed=seed)[split]
     if n_pairs is not None and task != "hippocampus":
         pairs = pairs[:n_pairs]
     results = []
@@ -137,6 +174,8 @@ def evaluate_task(
         seconds = time.perf_counter() - start
         row = {"id": pair.id, "fixed": pair.fixed.name, "moving": pair.moving.name, "seconds": seconds}
         row.update(pair_metrics(field, v.fixed, v.moving, v.fixed_labels, v.moving_labels, intensity))
+        if isinstance(v, known_deformations.KnownPairVolumes):
+            row.update(known_field_metrics(field, v.true_field, v.moving, v.mask))
         results.append(row)
         if on_pair is not None:
             on_pair(index, len(pairs), row)

@@ -45,6 +45,7 @@ class RegistrationResult:
     seconds: float
     warped_labels: Volume | None = None
     history: list[dict] = dc_field(default_factory=list)
+    inverse_field: Volume | None = None  # fixed -> moving, on the moving grid, from methods that predict it
 
     @classmethod
     def from_field(

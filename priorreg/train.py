@@ -1,4 +1,5 @@
-"""`priorreg train CONFIG.yaml`: seeded, resumable, data-parallel training of the adversarial method.
+"""`priorreg train CONFIG.yaml`: seeded, resumable, data-parallel training (the adversarial method here;
+`method: airnet` and `method: symmetric` configs go to `train_airnet.py` and `train_symmetric.py`).
 
 - The config is YAML over `DEFAULTS` (unknown keys are an error, not a silent default).
 - Reproducible: the networks are initialised from `seed`, and everything random in
@@ -93,8 +94,12 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> dict:
         from . import train_airnet
 
         return train_airnet.check_config(_merge(train_airnet.DEFAULTS, {**given, **overrides}))
+    if given.get("method") == "symmetric":
+        from . import train_symmetric
+
+        return train_symmetric.check_config(_merge(train_symmetric.DEFAULTS, {**given, **overrides}))
     if given.get("method", "adversarial") != "adversarial":
-        raise ConfigError(f"method must be 'adversarial' or 'airnet', got {given['method']!r}")
+        raise ConfigError(f"method must be 'adversarial', 'airnet' or 'symmetric', got {given['method']!r}")
     config = _merge(DEFAULTS, {**given, **overrides})
     if config["regularizer"] not in adv.REGULARIZERS:
         raise ConfigError(f"regularizer must be one of {adv.REGULARIZERS}, got {config['regularizer']!r}")
@@ -289,7 +294,7 @@ class TrainingRun:
     def training_card(self, last: dict) -> dict:
         """The card's `training` entry: data, split, config, command, final figures."""
         return {
-            "data": "mrus_prostate (shared data; see ../shared/data/README.md)",
+            "data": f"{self.config['data']['task']} (shared data; see ../shared/data/README.md)",
             "patients": self.data.groups,
             "train_pairs": self.data.train_ids,
             "config": self.config,
@@ -443,5 +448,9 @@ def train(config: dict, out, progress=None) -> dict:
         from .train_airnet import AirnetTrainer
 
         return AirnetTrainer(config, out, progress).run()
+    if config["method"] == "symmetric":
+        from .train_symmetric import SymmetricTrainer
+
+        return SymmetricTrainer(config, out, progress).run()
     return Trainer(config, out, progress).run()
 

@@ -15,7 +15,7 @@ def test_accuracy_suite_on_one_pair(tmp_path, shared_data):
                  "--peers", "ants_syn", "--data-root", str(shared_data), "--out", str(out)]) == 0
     reports = json.loads((out / "hippocampus.json").read_text())
     assert set(reports) == {"identity", "centres", "ants_syn"}
-    direct = evaluate_task("hippocampus", "identity", shared_data, 1)["summary"]
+    direct = evaluate_task("hippocampus", "identity", shared_data, 1, split="test")["summary"]
     assert reports["identity"]["summary"]["dice_mean"] == pytest.approx(direct["dice_mean"])
     table = (out / "results.md").read_text()
     assert "| identity | 1 |" in table and (out / "hippocampus.png").stat().st_size > 1000
@@ -23,6 +23,19 @@ def test_accuracy_suite_on_one_pair(tmp_path, shared_data):
         assert reports["ants_syn"]["summary"]["dice_mean"] > direct["dice_mean"]
     else:  # reported, never silently dropped
         assert "missing" in reports["ants_syn"] and "| ants_syn | missing" in table
+
+
+def test_the_readme_shows_the_committed_results(repo_root, tmp_path):
+    """`python -m bench readme` has been run: the README's block is bench/results/results.md, verbatim."""
+    from bench.readme import BEGIN, END, block, update
+
+    results = repo_root / "bench" / "results" / "results.md"
+    assert block((repo_root / "README.md").read_text()) == results.read_text().strip("\n")
+    stale = tmp_path / "README.md"
+    stale.write_text(f"# x\n{BEGIN}\n| old | table |\n{END}\nafter\n")
+    assert update(stale, results) and not update(stale, results)
+    text = stale.read_text()
+    assert "| old | table |" not in text and text.endswith(f"{END}\nafter\n") and block(text) == results.read_text().strip("\n")
 
 
 def test_regularizer_table_trains_reuses_and_scores_on_held_out_patients(tmp_path, shared_data, smooth_fields):

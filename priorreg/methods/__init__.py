@@ -9,6 +9,7 @@ from .airnet import register_airnet
 from .baselines import register_centres, register_identity
 from .dip import register_dip
 from .iterative import register_iterative
+from .symmetric import register_symmetric
 
 METHODS = {
     "identity": register_identity,
@@ -17,4 +18,5 @@ METHODS = {
     "dip": register_dip,
     "adversarial": register_adversarial,
     "airnet": register_airnet,
+    "symmetric": register_symmetric,
 }

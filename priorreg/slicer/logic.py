@@ -37,6 +37,9 @@ JACOBIAN_COLORS = 256
 FOLDING_RGB = (1.0, 0.9, 0.0)  # yellow: apart from both ends of the blue-white-red scale
 _SHRINK_RGB, _KEEP_RGB, _GROW_RGB = np.array([0.23, 0.30, 0.75]), np.array([0.97, 0.97, 0.97]), np.array([0.71, 0.02, 0.15])
 
+# Model-card methods of the trained networks the registration panel offers (the card says which to run).
+REGISTRATION_NETWORKS = ("adversarial", "symmetric")
+
 # Passed by register_nodes itself, never through `options`.
 _RESERVED_OPTIONS = ("fixed_labels", "moving_labels", "progress", "cancel")
 
@@ -172,17 +175,42 @@ def model_card(model) -> dict:
     return json.loads(card.read_text())
 
 
-def check_model(model, fixed_node, moving_node) -> dict:
-    """The card of an adversarial-registration model, or a `ValueError` saying why it does not fit the pair.
+def registration_models() -> dict[str, dict]:
+    """The trained registration networks found (shipped, $PRIORREG_MODELS): `{name: card}`."""
+    from ..models import available_models
+
+    return {name: card for name, card in available_models().items() if card.get("method") in REGISTRATION_NETWORKS}
+
+
+def model_task(card: dict) -> str | None:
+    """The data set a model was trained on (its training config's `data.task`)."""
+    return card.get("training", {}).get("config", {}).get("data", {}).get("task")
+
+
+def matching_critic(card: dict) -> str | None:
+    """A quality critic (AIR-net model) trained on the same data set as the model of `card`, or None.
+
+    A critic only knows the image pairs it was trained on: an MR-TRUS critic has nothing to say
+    about two brain MRs, so a result is scored only where such a critic exists.
+    """
+    from ..models import available_models
+
+    task = model_task(card)
+    critics = [n for n, c in available_models().items() if c.get("method") == "airnet" and model_task(c) == task]
+    return critics[0] if task and critics else None
+
+
+def check_model(model, fixed_node, moving_node, method: str = "adversarial") -> dict:
+    """The card of a `method` model, or a `ValueError` saying why it does not fit the pair.
 
     Volumes carry their modality only when they came from DICOM; elsewhere the check is the
     user's (the module panel shows what the model was trained on).
     """
     card = model_card(model)
-    if card.get("method") != "adversarial":
-        raise ValueError(f"model '{model}' is a {card.get('method')!r} model, not an adversarial-registration network")
+    if card.get("method") != method:
+        raise ValueError(f"model '{model}' is a {card.get('method')!r} model, not a {method!r} network")
     training = card.get("training", {})
-    task = training.get("config", {}).get("data", {}).get("task")
+    task = model_task(card)
     expected = TASK_MODALITIES.get(task)
     if expected is None:
         return card
@@ -200,8 +228,9 @@ def model_summary(card: dict) -> str:
     """One line on what a model was trained on and how it did, for the module panel."""
     training = card.get("training", {})
     parts = [f"{card.get('method', '?')} network trained on {training.get('data', 'unknown data')}"]
-    if training.get("train_pairs"):
-        parts.append(f"{len(training['train_pairs'])} training pairs")
+    for key, what in (("train_pairs", "training pairs"), ("train_subjects", "training subjects")):
+        if training.get(key):
+            parts.append(f"{len(training[key])} {what}")
     final = training.get("final_log") or {}
     scores = [
         f"{label} {final[key]:{fmt}}"
@@ -402,6 +431,7 @@ def register_nodes(
     user) and never modified. On `Cancelled` or any error, every node this call added is
     removed and the exception propagates, so the scene's node list is as it was.
     """
+    from ..methods import METHODS
     from ..registration import Monitor, register
 
     options = dict(options or {})
@@ -410,21 +440,23 @@ def register_nodes(
     scene = resolve_scene(scene)
     inputs = check_inputs(fixed_node, moving_node, scene, fixed_segmentation, moving_segmentation, segment_ids)
     _check_options(method, options, inputs)
-    if method == "adversarial":
-        check_model(options.get("model", _default_option(method, "model")), fixed_node, moving_node)
+    accepted = inspect.signature(METHODS[method]).parameters
+    if "model" in accepted:
+        check_model(options.get("model", _default_option(method, "model")), fixed_node, moving_node, method)
     if quality_model is not None:
         model_card(quality_model)  # a missing critic is an input error, found before the registration runs
 
-    result = register(
-        inputs.fixed, inputs.moving, method, fixed_labels=inputs.fixed_labels, moving_labels=inputs.moving_labels,
-        progress=progress, cancel=cancel, **options,
-    )
+    # Methods that take labels are driven by the segmentations; for the others they are only warped and scored.
+    labels = {"fixed_labels": inputs.fixed_labels, "moving_labels": inputs.moving_labels} if "moving_labels" in accepted else {}
+    result = register(inputs.fixed, inputs.moving, method, progress=progress, cancel=cancel, **labels, **options)
     quality = None
     if quality_model is not None:
         from ..quality import QualityModel, quality_report
 
         device = "cpu" if options.get("device", "auto") == "auto" else options["device"]
-        quality = quality_report(inputs.fixed, result.warped, result.field, model=QualityModel(quality_model, device=device))
+        quality = quality_report(
+            inputs.fixed, result.warped, result.field, result.inverse_field, model=QualityModel(quality_model, device=device)
+        )
     prefix = output_prefix or f"{moving_node.GetName()} {method}"
     steps = Monitor(5 if inputs.fixed_labels is not None else 4, progress, cancel)
     return _output_nodes(scene, result, fixed_node, moving_node, inputs, moving_segmentation, options, prefix, steps, quality)

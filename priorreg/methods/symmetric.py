@@ -1,0 +1,176 @@
+"""Symmetric registration by spatial gradients (seed 004, Estienne et al., Learn2Reg 2020 task 4).
+
+The network (`nets.symnet.SymNet`) predicts, for each axis, the derivative of the sampling
+grid along that axis, in (0, 2); the grid is its cumulative sum (`gradients_to_displacement`),
+so it is monotonic along every axis and cannot fold there. One network gives both
+directions, `D(E(M) - E(F))` (moving -> fixed) and `D(E(F) - E(M))` (fixed -> moving);
+training scores both (`pair_loss` on each), which is the paper's symmetric formulation.
+
+Pairs are seen in a model frame (`ModelFrame`, margin 0: both images on the same-size grid),
+each image centred on its own field of view (`init: centres`, the default) or the moving one
+on the fixed centre (`geometry`), along the fixed image's direction. Intensities follow the
+paper: zero mean and unit variance over the image, clipped to [-5, 5], then scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from .. import losses
+from ..models import load_model, prefixed
+from ..nets.symnet import SymNet
+from ..registration import Monitor, RegistrationResult
+from ..spatial import Grid, resample, sample
+from ..volume import Volume
+from .adversarial import ModelFrame, frame_centres, to_fixed_grid
+from .common import label_channels, pick_device
+
+SIMILARITIES = ("mse", "lncc")
+
+
+def normalise(volume: Volume) -> Volume:
+    """The paper's intensities: N(0, 1) over the image, clipped to [-5, 5], min-max to [0, 1]."""
+    a = volume.array.astype(np.float32)
+    a = np.clip((a - a.mean()) / max(float(a.std()), 1e-6), -5, 5)
+    return volume.with_array((a - a.min()) / max(float(a.max() - a.min()), 1e-6))
+
+
+def frame_image(image: Volume, frame: ModelFrame, centre, direction, labels: Volume | None = None) -> dict:
+    """One image (normalised) and its one-hot labels (as floats) on the frame centred at `centre`."""
+    grid = frame.physical(centre, direction)
+    out = {"image": resample(normalise(image), grid).array[None]}
+    if labels is not None:
+        out["labels"] = resample(labels.with_array(label_channels(labels)), grid, mode="linear").array
+    return out
+
+
+# ---------------------------------------------------------------------------- gradients -> field
+def gradients_to_displacement(grad: torch.Tensor, spacing: float, size) -> torch.Tensor:
+    """Spatial gradients `[B, 3, k, j, i]` (x, y, z) -> displacement in mm `[B, 3, *size]`.
+
+    Channel c is the derivative of the grid's c-th coordinate along axis c (x: i, y: j,
+    z: k), in units of the gradient's own voxels; the grid is its cumulative sum from the
+    first voxel. A gradient `f` times coarser than `size` gives positions in coarse voxels;
+    they are scaled by `f` (coarse voxel k sits at fine index `f k + (f - 1) / 2`, which
+    trilinear upsampling without corner alignment also assumes) and upsampled.
+    """
+    factor = size[-1] / grad.shape[-1]
+    parts = []
+    for c, axis in enumerate((3, 2, 1)):  # axes of the [B, k, j, i] channel
+        g = grad[:, c]
+        n = g.shape[axis]
+        index = torch.arange(n, dtype=g.dtype, device=g.device).view([n if a == axis else 1 for a in range(4)])
+        parts.append(torch.cumsum(g, dim=axis) - 1 - index)
+    u = torch.stack(parts, 1) * (factor * spacing)
+    if tuple(u.shape[2:]) != tuple(size):
+        u = torch.nn.functional.interpolate(u, size=tuple(size), mode="trilinear", align_corners=False)
+    return u
+
+
+def pair_loss(
+    grad: torch.Tensor,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    fixed_labels: torch.Tensor | None,
+    moving_labels: torch.Tensor | None,
+    grid: Grid,
+    weights: dict,
+    similarity: str = "mse",
+    dice_sigmas_mm=(0.0,),
+) -> tuple[torch.Tensor, dict]:
+    """Section 2.1's loss of one direction and one head: alpha sim + beta Dice + gamma smoothness.
+
+    `grid` is the canonical frame (both images on it). Smoothness is the mean distance of
+    the spatial gradient from the identity's (1), "keeping it close to zero deformation".
+    Dice is the paper's soft Dice with `dice_sigmas_mm=(0,)`; more sigmas average it over
+    Gaussian-smoothed labels (seed 000's multiscale Dice), which still pulls where small
+    structures do not overlap yet.
+    """
+    u = gradients_to_displacement(grad, float(grid.spacing[0]), grid.shape)
+    points = grid.points(device=u.device)[None] + u.movedim(1, -1)
+    warped = sample(moving, grid, points)
+    sim = losses.mse(fixed, warped) if similarity == "mse" else losses.lncc(fixed, warped)
+    smooth = (grad - 1).abs().mean()
+    total = weights["similarity"] * sim + weights["smoothness"] * smooth
+    parts = {"similarity": sim.item(), "smoothness": smooth.item()}
+    if fixed_labels is not None and weights["dice"] > 0:
+        dice = losses.multiscale_dice(sample(moving_labels, grid, points), fixed_labels, grid, dice_sigmas_mm)
+        total = total + weights["dice"] * dice
+        parts["dice"] = dice.item()
+    return total, parts
+
+
+# ------------------------------------------------------------------------------------- the model
+def model_card(frame: ModelFrame, channels, output_level: int, heads: int, init: str) -> dict:
+    """The card fields inference needs; training adds data, command and metrics."""
+    return {
+        "method": "symmetric",
+        "architecture": {"name": "SymNet", "channels": list(channels), "output_level": output_level, "heads": heads},
+        "frame": {**asdict(frame), "shape": list(frame.shape)},
+        "preprocessing": {"intensity": "N(0,1) per image, clipped to [-5, 5], min-max to [0, 1]", "init": init},
+    }
+
+
+def build_network(card: dict) -> SymNet:
+    a = card["architecture"]
+    return SymNet(tuple(a["channels"]), a["output_level"], a["heads"])
+
+
+class LoadedSymmetric:
+    """A trained SymNet with its card, on a device."""
+
+    def __init__(self, net: SymNet, card: dict, device, path=None):
+        self.net, self.card, self.device, self.path = net, card, torch.device(device), path
+        f = card["frame"]
+        self.frame = ModelFrame(tuple(f["shape"]), f["spacing"], f["margin"])
+
+    @classmethod
+    def load(cls, model="symmetric_hippocampus", device: str = "auto") -> LoadedSymmetric:
+        """From a shipped model name or a `.safetensors` path (its `.json` card beside it)."""
+        tensors, card, path = load_model(model)
+        if card.get("method") != "symmetric":
+            raise ValueError(f"{path}: not a symmetric-registration model (method {card.get('method')!r})")
+        net = build_network(card)
+        net.load_state_dict(prefixed(tensors, "network"))
+        dev = pick_device(device)
+        return cls(net.to(dev).eval(), card, dev, path)
+
+
+def register_symmetric(
+    fixed: Volume,
+    moving: Volume,
+    model="symmetric_hippocampus",
+    device: str = "auto",
+    init: str | None = None,
+    progress=None,
+    cancel=None,
+    loaded: LoadedSymmetric | None = None,
+) -> RegistrationResult:
+    """Register with one forward pass; the result also carries the fixed -> moving field.
+
+    `inverse_field` (on the moving grid) comes from the same pass, `D(E(F) - E(M))`: the
+    quality report's inverse consistency uses it.
+    """
+    monitor = Monitor(1, progress, cancel)
+    net = loaded or LoadedSymmetric.load(model, device)
+    init = init or net.card["preprocessing"]["init"]
+    fg, mg = Grid.of(fixed), Grid.of(moving)
+    cf, cm = frame_centres(fg, mg, init)
+    f_in = frame_image(fixed, net.frame, cf, fg.direction)["image"]
+    m_in = frame_image(moving, net.frame, cm, fg.direction)["image"]
+    can = net.frame.canonical()
+    dev = net.device
+    with torch.no_grad():
+        forward, backward = net.net(torch.as_tensor(f_in, device=dev)[None], torch.as_tensor(m_in, device=dev)[None])
+        spacing = float(can.spacing[0])
+        u = gradients_to_displacement(forward[0], spacing, can.shape)
+        u_inv = gradients_to_displacement(backward[0], spacing, can.shape)
+    field = to_fixed_grid(u, fg, net.frame.physical(cf, fg.direction), cf, cm)
+    inverse = to_fixed_grid(u_inv, mg, net.frame.physical(cm, fg.direction), cm, cf)
+    monitor.tick("inference", float("nan"))
+    result = RegistrationResult.from_field(field, moving, "symmetric", monitor.elapsed, history=monitor.history)
+    result.inverse_field = inverse
+    return result
