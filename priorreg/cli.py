@@ -26,6 +26,7 @@ from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
 
 
+FINETUNED = ("adversarial", "symmetric")  # networks that can be fine-tuned on the pair at hand (--finetune-steps)
 DEFAULT_MODELS = {"adversarial": "adversarial_mrus", "airnet": "airnet_mrus", "symmetric": "symmetric_hippocampus"}  # --method -> shipped model
 
 
@@ -75,6 +76,13 @@ def _method_options(args) -> dict:
     return {}
 
 
+def _finetune_options(args) -> dict:
+    """Test-time fine-tuning of a trained network; the similarity only when given (each method has its default)."""
+    if args.method not in FINETUNED or not args.finetune_steps:
+        return {}
+    return {"finetune_steps": args.finetune_steps, **({"similarity": args.similarity} if args.similarity else {})}
+
+
 def _driving_labels(args, fixed_labels, moving_labels) -> dict:
     """The label channels chosen with --label-channels, as the method's driving labels."""
     if args.label_channels is None:
@@ -109,8 +117,8 @@ def cmd_register(args) -> int:
         options.update(_driving_labels(args, fixed_labels, moving_labels))
     elif args.method == "airnet":
         options["passes"] = args.passes
-    elif args.method == "adversarial" and args.finetune_steps:
-        options.update(finetune_steps=args.finetune_steps, similarity=args.similarity)
+    elif args.method in FINETUNED and args.finetune_steps:
+        options.update(_finetune_options(args))
         options.update(_driving_labels(args, fixed_labels, moving_labels))
     print(f"registering {moving_path} -> {fixed_path} with {args.method}", file=sys.stderr)
     result = register(fixed, moving, method=args.method, progress=_progress_bar(args.method), **options)
@@ -177,7 +185,7 @@ def cmd_evaluate(args) -> int:
         _write_json(report, args.json)
         print(json.dumps(report["summary"], indent=2))
         return 0
-    options = _method_options(args)
+    options = {**_method_options(args), **_finetune_options(args)}
     report = evaluate_task(
         args.task, args.method, args.data_root, args.pairs, args.split, args.seed, options, on_pair
     )
@@ -261,14 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--similarity",
         choices=["lncc", "mse", "local_gradient", "mae"],
-        help="default: lncc for iterative, mae for dip (the paper's), none for adversarial fine-tuning",
+        help="default: lncc for iterative and symmetric fine-tuning, mae for dip (the paper's), none for adversarial fine-tuning",
     )
     r.add_argument("--init", default="geometry", choices=["geometry", "centres"], help="iterative, dip (adversarial: its card's)")
     r.add_argument("--label-channels", type=int, nargs="+", help="label channels that drive the registration, e.g. 0 (gland)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument(
         "--finetune-steps", type=int, default=0,
-        help="adversarial: fine-tune a copy of the network on this pair first (with --label-channels and/or --similarity)",
+        help="adversarial, symmetric: fine-tune a copy of the network on this pair first (with --label-channels and/or --similarity)",
     )  # fmt: skip
     r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--passes", type=int, default=1, help="airnet: generator passes, each undoing the remaining misalignment")
@@ -314,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     v.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
+    v.add_argument("--finetune-steps", type=int, default=0, help="adversarial, symmetric: fine-tune on each pair's images first")
+    v.add_argument("--similarity", choices=["lncc", "mse", "local_gradient", "mae"], help="the image similarity of --finetune-steps (default: the method's)")
     v.add_argument("--per-pair", type=int, default=20, help="quality: known-error alignments scored per pair")
     v.add_argument("--json", help="write the full report here")
     v.set_defaults(func=cmd_evaluate)

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from priorreg import known_deformations as kd
 from priorreg.cli import main
@@ -20,7 +19,6 @@ from priorreg.volume import Volume
 
 from .geometry import oblique
 
-torch.set_num_threads(1)
 ZERO = {"rotation_deg": 0.0, "scaling": 0.0, "shift_mm": 0.0, "elastic_mm": 0.0}
 
 

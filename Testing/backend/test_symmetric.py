@@ -11,6 +11,7 @@ import yaml
 
 from priorreg import data
 from priorreg.cli import main
+from priorreg.evaluate import pair_metrics
 from priorreg.jacobian import jacobian_stats
 from priorreg.methods import symmetric as sym
 from priorreg.methods.adversarial import ModelFrame
@@ -19,7 +20,6 @@ from priorreg.nets.symnet import SymNet
 from priorreg.registration import register
 from priorreg.spatial import Grid, field_tensor, resample
 from priorreg.train import load_config, train
-from priorreg.volume import Volume
 
 from .geometry import fixed_volume, moving_volume
 
@@ -112,6 +112,21 @@ def test_a_short_training_run_writes_a_model_that_registers(tmp_path, shared_dat
     v = pair.load()
     result = register(v.fixed, v.moving, method="symmetric", model=tmp_path / "run" / "tiny.safetensors", device="cpu")
     assert Grid.of(result.field).matches(Grid.of(v.fixed))
+    # fine-tuning a copy on this pair's labels: the Dice of those labels rises, the model file's weights stay
+    loaded = sym.LoadedSymmetric.load(tmp_path / "run" / "tiny.safetensors", "cpu")
+    before = {k: t.clone() for k, t in loaded.net.state_dict().items()}
+    labelled = {"fixed_labels": v.fixed_labels, "moving_labels": v.moving_labels}
+    plain = sym.register_symmetric(v.fixed, v.moving, loaded=loaded, **labelled)
+    steps = []
+    tuned = sym.register_symmetric(
+        v.fixed, v.moving, loaded=loaded, finetune_steps=15, finetune_lr=1e-2, similarity=None, progress=steps.append, **labelled
+    )
+    dice = [pair_metrics(r.field, v.fixed, v.moving, v.fixed_labels, v.moving_labels)["dice_mean"] for r in (plain, tuned)]
+    assert dice[1] > dice[0] + 0.02, dice
+    assert [p.step for p in steps] == list(range(1, 17)) and tuned.method == "symmetric+finetune"
+    assert all(torch.equal(before[k], t) for k, t in loaded.net.state_dict().items())
+    with pytest.raises(ValueError, match="needs an image similarity or labels"):
+        sym.register_symmetric(v.fixed, v.moving, loaded=loaded, finetune_steps=2, similarity=None)
     with pytest.raises(ValueError, match="frame.shape"):
         load_config(config_file, frame={"shape": [20, 32, 24], "spacing": 2.0, "margin": 0})
 

@@ -14,6 +14,7 @@ paper: zero mean and unit variance over the image, clipped to [-5, 5], then scal
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 
 import numpy as np
@@ -26,9 +27,7 @@ from ..registration import Monitor, RegistrationResult
 from ..spatial import Grid, resample, sample
 from ..volume import Volume
 from .adversarial import ModelFrame, frame_centres, to_fixed_grid
-from .common import label_channels, pick_device
-
-SIMILARITIES = ("mse", "lncc")
+from .common import SIMILARITIES, label_channels, pick_device, similarity_loss
 
 
 def normalise(volume: Volume) -> Volume:
@@ -92,7 +91,7 @@ def pair_loss(
     u = gradients_to_displacement(grad, float(grid.spacing[0]), grid.shape)
     points = grid.points(device=u.device)[None] + u.movedim(1, -1)
     warped = sample(moving, grid, points)
-    sim = losses.mse(fixed, warped) if similarity == "mse" else losses.lncc(fixed, warped)
+    sim = similarity_loss(similarity, fixed, warped, grid)
     smooth = (grad - 1).abs().mean()
     total = weights["similarity"] * sim + weights["smoothness"] * smooth
     parts = {"similarity": sim.item(), "smoothness": smooth.item()}
@@ -147,30 +146,67 @@ def register_symmetric(
     init: str | None = None,
     progress=None,
     cancel=None,
+    fixed_labels: Volume | None = None,
+    moving_labels: Volume | None = None,
+    finetune_steps: int = 0,
+    finetune_lr: float = 1e-3,
+    similarity: str | None = "lncc",
     loaded: LoadedSymmetric | None = None,
 ) -> RegistrationResult:
     """Register with one forward pass; the result also carries the fixed -> moving field.
 
     `inverse_field` (on the moving grid) comes from the same pass, `D(E(F) - E(M))`: the
     quality report's inverse consistency uses it.
+
+    With `finetune_steps`, a *copy* of the network is first optimised on this pair (test-time
+    instance optimisation): Adam on its weights, on the training loss of both directions with
+    the image `similarity` ("lncc" by default; `common.SIMILARITIES`; None for labels only), the Dice of the
+    labels when both are given, and the card's smoothness weight. The loaded weights never change.
     """
-    monitor = Monitor(1, progress, cancel)
+    if (fixed_labels is None) != (moving_labels is None):
+        raise ValueError("give both fixed and moving labels, or neither")
+    if similarity is not None and similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES} or None, got {similarity!r}")
+    if finetune_steps and similarity is None and fixed_labels is None:
+        raise ValueError("fine-tuning needs an image similarity or labels (fixed and moving)")
+    monitor = Monitor(finetune_steps + 1, progress, cancel)
     net = loaded or LoadedSymmetric.load(model, device)
     init = init or net.card["preprocessing"]["init"]
     fg, mg = Grid.of(fixed), Grid.of(moving)
     cf, cm = frame_centres(fg, mg, init)
-    f_in = frame_image(fixed, net.frame, cf, fg.direction)["image"]
-    m_in = frame_image(moving, net.frame, cm, fg.direction)["image"]
+    labels = (fixed_labels, moving_labels) if finetune_steps else (None, None)  # only fine-tuning uses them
+    framed = [frame_image(image, net.frame, centre, fg.direction, lab) for image, centre, lab in ((fixed, cf, labels[0]), (moving, cm, labels[1]))]
+    f, m = (torch.as_tensor(x["image"], device=net.device)[None] for x in framed)
+    fl, ml = (torch.as_tensor(x["labels"], device=net.device)[None] if "labels" in x else None for x in framed)
     can = net.frame.canonical()
-    dev = net.device
+    network = finetune(net, f, m, fl, ml, finetune_steps, finetune_lr, similarity, monitor) if finetune_steps else net.net
     with torch.no_grad():
-        forward, backward = net.net(torch.as_tensor(f_in, device=dev)[None], torch.as_tensor(m_in, device=dev)[None])
+        forward, backward = network(f, m)
         spacing = float(can.spacing[0])
         u = gradients_to_displacement(forward[0], spacing, can.shape)
         u_inv = gradients_to_displacement(backward[0], spacing, can.shape)
     field = to_fixed_grid(u, fg, net.frame.physical(cf, fg.direction), cf, cm)
     inverse = to_fixed_grid(u_inv, mg, net.frame.physical(cm, fg.direction), cm, cf)
     monitor.tick("inference", float("nan"))
-    result = RegistrationResult.from_field(field, moving, "symmetric", monitor.elapsed, history=monitor.history)
+    name = "symmetric+finetune" if finetune_steps else "symmetric"
+    result = RegistrationResult.from_field(field, moving, name, monitor.elapsed, moving_labels, monitor.history)
     result.inverse_field = inverse
     return result
+
+
+def finetune(net: LoadedSymmetric, f, m, fl, ml, steps: int, lr: float, similarity: str | None, monitor: Monitor) -> SymNet:
+    """A copy of `net.net` after `steps` Adam steps on one framed pair (labels `fl`, `ml` or None)."""
+    trained = net.card.get("training", {}).get("config", {}).get("loss", {}).get("weights", {})
+    weights = {"similarity": 1.0 if similarity else 0.0, "dice": 1.0, "smoothness": trained.get("smoothness", 0.1)}
+    can = net.frame.canonical()
+    tuned = copy.deepcopy(net.net).train()
+    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
+    for _ in range(steps):
+        forward, backward = tuned(f, m)
+        loss = pair_loss(forward[0], f, m, fl, ml, can, weights, similarity or "mse")[0]
+        loss = loss + pair_loss(backward[0], m, f, ml, fl, can, weights, similarity or "mse")[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        monitor.tick("fine-tune", loss.item())
+    return tuned.eval()
