@@ -5,8 +5,9 @@
 `python -m bench readme` copies `results.md` into the README (see `bench/readme.py`).
 
 Writes `DIR/<task>.json` (ARCHITECTURE.md's evaluation format, one entry per
-method), `DIR/results.md` (the tables the README quotes) and `DIR/<task>.png`
-(box plots per method). Peers whose package is missing are listed as missing.
+method), `DIR/<task>.md` (the run's date, machine, versions and command, and the table),
+`DIR/results.md` (every suite's latest `<task>.md`: the tables the README quotes) and
+`DIR/<task>.png` (box plots per method). Peers whose package is missing are listed as missing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -187,19 +189,18 @@ def main(argv=None) -> int:
     header = (
         f"Run {time.strftime('%Y-%m-%d')} on {platform.machine()} ({os.cpu_count()} cores, {THREADS} threads), "
         f"{', '.join(f'{k} {v}' for k, v in versions().items())}.\n"
-        f"Command: `python -m bench run --suite {args.suite} --tasks {' '.join(args.tasks)}"
-        + (f" --pairs {args.pairs}" if args.pairs else "")
-        + "`\n\n"
+        f"Command: `python -m bench {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n"
     )
-    tables = []
     for task in args.tasks:
         suite = ACCURACY[task]
         reports = run_task(task, args.methods, args.peers, args.data_root, args.pairs or suite["pairs"], suite["split"], args.seed)
         (out / f"{task}.json").write_text(json.dumps(reports, indent=1, default=float) + "\n")
         plot(task, reports, out / f"{task}.png")
-        tables.append(markdown(task, reports))
-    (out / "results.md").write_text(header + "\n".join(tables))
-    print(header + "\n".join(tables))
+        (out / f"{task}.md").write_text(header + markdown(task, reports))
+    # Every suite's latest table, whichever run made it: a suite can be rerun alone.
+    tables = [(out / f"{task}.md").read_text() for task in ACCURACY if (out / f"{task}.md").exists()]
+    (out / "results.md").write_text("\n".join(tables))
+    print("\n".join(tables))
     return 0
 
 
