@@ -27,7 +27,7 @@ import torch
 from priorreg.evaluate import evaluate_task, versions
 from priorreg.methods import METHODS
 
-from .peers import PEERS, THREADS, available
+from .peers import PEERS, THREADS, missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ OPTIONS = {
     "brain_t1t2": {"iterative": {"similarity": "local_gradient"}, "dip": {"similarity": "local_gradient"}},
 }
 # Trained networks run only on the task their shipped model was trained for.
-ONLY_ON = {"adversarial": {"mrus_prostate"}, "airnet": {"mrus_prostate"}, "symmetric": {"hippocampus"}}
+ONLY_ON = {"adversarial": {"mrus_prostate"}, "airnet": {"mrus_prostate"}, "symmetric": {"hippocampus"}, "voxelmorph": {"hippocampus"}}
 COLUMNS = {
     "hippocampus": ["dice_mean", "dice30", "hd95_mm", "sdlogj", "folding_pct", "seconds_per_pair"],
     "mrus_prostate": ["tre_median_mm", "tre_iqr_low_mm", "tre_iqr_high_mm", "dice_mean", "folding_pct", "seconds_per_pair"],
@@ -60,8 +60,8 @@ def run_task(task: str, methods: list[str], peers: list[str], root, n_pairs: int
     for name in methods + peers:
         if task not in ONLY_ON.get(name, {task}):
             continue
-        if name in PEERS and not available(name):
-            reports[name] = {"missing": f"peer {name!r} is not installed (pip install .[bench])"}
+        if name in PEERS and missing(name):
+            reports[name] = {"missing": missing(name)}
             print(f"{task}: {name} missing", file=sys.stderr)
             continue
         options = {"device": "cpu", **OPTIONS.get(task, {}).get(name, {})} if name in METHODS and name != "identity" else {}
@@ -142,6 +142,11 @@ def main(argv=None) -> int:
     a.add_argument("--per-pair", type=int, default=20)
     a.add_argument("--out", required=True)
     a.add_argument("--ship", help="then copy this one of --models into Resources/Models as airnet_mrus")
+    v = sub.add_parser("voxelmorph", help="train the VoxelMorph peer on the hippocampus training subjects (its own recipe)")
+    v.add_argument("--data-root")
+    v.add_argument("--iterations", type=int, default=3000)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", default=None, help="weights file (default: bench/results/voxelmorph_hippocampus.safetensors, where the peer looks)")
     rd = sub.add_parser("readme", help="copy the results tables (results.md) into the README's results block")
     rd.add_argument("--results", default=str(ROOT / "bench" / "results" / "results.md"))
     rd.add_argument("--readme", default=str(ROOT / "README.md"))
@@ -172,6 +177,11 @@ def main(argv=None) -> int:
         if args.ship:
             dest = ROOT / "Resources" / "Models"
             print(f"shipped {airnet.ship(Path(args.out) / 'airnet_mrus.json', args.ship, 'airnet_mrus', dest)}")
+        return 0
+    if args.command == "voxelmorph":
+        from . import voxelmorph
+
+        print(f"wrote {voxelmorph.train(args.data_root, Path(args.out) if args.out else voxelmorph.WEIGHTS, args.iterations, args.seed)}")
         return 0
     if args.command == "speed":
         from .speed import run as run_speed

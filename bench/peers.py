@@ -73,18 +73,37 @@ def _field_from_file(path) -> Volume:
     return Volume.from_sitk(image, source=str(path))
 
 
+def _voxelmorph(fixed: Volume, moving: Volume) -> Volume:
+    """VoxelMorph trained by us on the hippocampus training subjects (`bench/voxelmorph.py`)."""
+    from .voxelmorph import peer
+
+    return peer(fixed, moving)
+
+
 # name -> (python module that must be importable, registrar)
 PEERS: dict[str, tuple[str, Callable[[Volume, Volume], Volume]]] = {
     "ants_syn": ("ants", _ants_syn),
     "elastix_bspline": ("itk", _elastix_bspline),
+    "voxelmorph": ("voxelmorph", _voxelmorph),
 }
 
 
 def available(name: str) -> bool:
+    return missing(name) is None
+
+
+def missing(name: str) -> str | None:
+    """Why a peer cannot run here (None when it can): the bench reports this instead of dropping it."""
     module, _ = PEERS[name]
-    if importlib.util.find_spec(module) is None:
-        return False
-    return module != "itk" or importlib.util.find_spec("itk_elastix") is not None or _has_elastix()
+    no_elastix = module == "itk" and importlib.util.find_spec("itk_elastix") is None and not _has_elastix()
+    if importlib.util.find_spec(module) is None or no_elastix:
+        return f"peer {name!r} is not installed (pip install .[bench])"
+    if name == "voxelmorph":
+        from .voxelmorph import WEIGHTS
+
+        if not WEIGHTS.exists():
+            return f"peer {name!r} is not trained: python -m bench voxelmorph --data-root PATH (writes {WEIGHTS.name})"
+    return None
 
 
 def _has_elastix() -> bool:
