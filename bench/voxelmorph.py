@@ -63,11 +63,15 @@ def model_field(disp_voxels: torch.Tensor, spacing: float) -> torch.Tensor:
 
 
 def train(
-    root, out: Path | None = None, iterations: int = 3000, seed: int = 0, validate_every: int = 500, log=print, limit: int | None = None
+    root, out: Path | None = None, iterations: int = 3000, seed: int = 0, validate_every: int = 250, log=print, limit: int | None = None
 ) -> Path:
-    """Train on the symmetric network's training subjects (the first `limit` of them, for tests); write
-    `out` (default `WEIGHTS`, safetensors) with its card beside it. Validation: the validation subjects,
-    each fixed once with the next as moving (the first `limit` pairs when limited)."""
+    """Train on the symmetric network's training subjects (the first `limit` of them, for tests).
+
+    Writes `out` (default `WEIGHTS`, safetensors), its card and `<stem>_log.csv` at every
+    validation, so a run stopped early leaves the last validated network with a card saying how
+    far it got. Validation: the validation subjects, each fixed once with the next as moving (the
+    first `limit` pairs when limited).
+    """
     import neurite as ne
 
     torch.manual_seed(seed)
@@ -75,14 +79,13 @@ def train(
     subjects = FramedSubjects(splits["train"][:limit], root, FRAME)
     val_pairs = list(zip(splits["val"], splits["val"][1:] + splits["val"][:1]))[:limit]
     out = Path(out or WEIGHTS)
+    out.parent.mkdir(parents=True, exist_ok=True)
     net = build()
     opt = torch.optim.Adam(net.parameters(), lr=RECIPE["lr"])
     mse, grad, dice = ne.nn.modules.MSE(), ne.nn.modules.SpatialGradient("l2"), ne.nn.modules.Dice()
     w = RECIPE["weights"]
     rng = random.Random(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log_path = out.with_name(out.stem + "_log.csv")
-    rows, start, last = [], time.time(), {}
+    rows, start = [], time.time()
     for t in range(1, iterations + 1):
         a, b = rng.sample(range(len(subjects)), 2)  # fixed a, moving b: different subjects
         f, m = subjects.images[a : a + 1], subjects.images[b : b + 1]
@@ -93,15 +96,20 @@ def train(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if t % 50 == 0 or t == iterations:
-            last = {"iteration": t, "seconds": round(time.time() - start, 1), "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
-            if t % validate_every == 0 or t == iterations:
-                net.eval()
-                last.update({f"val_{k}": v for k, v in validate(net, val_pairs, root).items()})
-                net.train()
-                log(json.dumps(last))
-            rows.append(last)
-    with open(log_path, "w", newline="") as fh:
+        if t % 50 and t % validate_every and t != iterations:
+            continue
+        rows.append({"iteration": t, "seconds": round(time.time() - start, 1), "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
+        if t % validate_every == 0 or t == iterations:
+            net.eval()
+            rows[-1].update({f"val_{k}": v for k, v in validate(net, val_pairs, root).items()})
+            net.train()
+            log(json.dumps(rows[-1]))
+            _save(out, net, rows, {"subjects": subjects.ids, "validation_pairs": len(val_pairs), "iterations": t, "seed": seed})
+    return out
+
+
+def _save(out: Path, net: torch.nn.Module, rows: list[dict], training: dict) -> None:
+    with open(out.with_name(out.stem + "_log.csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
@@ -110,17 +118,11 @@ def train(
         "package": f"voxelmorph {_version('voxelmorph')}, neurite {_version('neurite')}",
         "recipe": RECIPE,
         "frame": {"shape": list(FRAME.shape), "spacing": FRAME.spacing},
-        "training": {
-            "subjects": subjects.ids,
-            "validation_pairs": len(val_pairs),
-            "iterations": iterations,
-            "seed": seed,
-            "seconds": round(time.time() - start, 1),
-        },
-        "final_log": last,
-        "command": f"python -m bench voxelmorph --iterations {iterations} --seed {seed}",
+        "training": {**training, "seconds": rows[-1]["seconds"]},
+        "final_log": rows[-1],
+        "command": f"python -m bench voxelmorph --iterations {training['iterations']} --seed {training['seed']}",
     }
-    return save_model(out, dict(net.state_dict()), card)
+    save_model(out, dict(net.state_dict()), card)
 
 
 def validate(net, pairs, root) -> dict:
