@@ -27,7 +27,7 @@ from .volume import Volume, VolumeError
 
 
 FINETUNED = ("adversarial", "symmetric")  # networks that can be fine-tuned on the pair at hand (--finetune-steps)
-DEFAULT_MODELS = {"adversarial": "adversarial_mrus", "airnet": "airnet_mrus", "symmetric": "symmetric_hippocampus"}  # --method -> shipped model
+DEFAULT_MODELS = {"adversarial": "adversarial_mrus", "airnet": "airnet_mrus", "symmetric": "symmetric_hippocampus", "deformgan": "deformgan_brain"}  # --method -> shipped model
 
 
 def _progress_bar(total_desc: str):

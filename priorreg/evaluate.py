@@ -150,16 +150,18 @@ def evaluate_task(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
     loader, intensity = TASKS[task]
-    if task == "brain_t1t2" and split != "all":
+    if task == "brain_t1t2" and split not in ("all", *known_deformations.SPLIT):
         raise ValueError(
-            f"split {split!r}: task brain_t1t2 has no train/val/test split (three patients, deformed anew "
-            "by seeded known fields); use split 'all' and choose the fields with --seed"
+            f"split {split!r}: task brain_t1t2 splits its three sets into {known_deformations.SPLIT} "
+            "(no validation set); use 'all', 'train' or 'test'"
         )
     if task == "hippocampus" and split != "all":
         # Split the subjects first and pair within the split (the trainer's cut, `split_groups`),
         # rather than dropping the sampled pairs that straddle two splits.
         subjects = data.split_groups(data.hippocampus_subjects(root), seed=seed)[split]
         pairs = data.hippocampus_pairs(root, n=n_pairs, seed=seed, subjects=subjects)
+    elif task == "brain_t1t2":
+        pairs = [p for p in loader(root, n_pairs, seed) if split == "all" or p.group in known_deformations.SPLIT[split]]
     else:
         pairs = loader(root, n_pairs, seed)
         if split != "all":

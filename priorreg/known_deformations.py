@@ -49,9 +49,13 @@ EVAL_MAX_VOXELS = 112 * 128 * 96
 FOREGROUND_FRACTION = 0.1
 # (moving, fixed) modality names per kind of set: T1 (T1pre: before contrast, as seed 002's T1)
 # is registered to T2 and to FLAIR.
-_MOVING = {"stroke": "T1", "tumor": "T1pre"}
+MOVING = {"stroke": "T1", "tumor": "T1pre"}
 _FIXED = ("T2", "FLAIR")
 _MASK_MODALITY = "T2"  # CSF is bright in T2 (dark in FLAIR and T1): its foreground has no holes
+# Learned methods (seed 002's Deform-GAN) train on some sets and are scored on another: two sets
+# train, one is held back. Training keeps one scan of each kind (1 mm isotropic, 6.5 mm slices);
+# `priorreg evaluate --task brain_t1t2 --split test` scores the held-back set only.
+SPLIT = {"train": ("stroke", "tumor_Study1"), "test": ("tumor_Study3",)}
 
 
 @dataclass(frozen=True)
@@ -311,7 +315,7 @@ def known_deformation_pairs(
     for index in range(n):
         for fixed_modality in _FIXED:
             for name, files in sorted(sets.items()):
-                moving_modality = _MOVING[name.split("_")[0]]
+                moving_modality = MOVING[name.split("_")[0]]
                 missing = [m for m in (moving_modality, fixed_modality, _MASK_MODALITY) if m not in files]
                 if missing:
                     raise FileNotFoundError(f"multimodal set {name!r} lacks {missing}; is the data root complete?")

@@ -1,5 +1,6 @@
 """`priorreg train CONFIG.yaml`: seeded, resumable, data-parallel training (the adversarial method here;
-`method: airnet` and `method: symmetric` configs go to `train_airnet.py` and `train_symmetric.py`).
+`method: airnet`, `method: symmetric` and `method: deformgan` configs go to `train_airnet.py`,
+`train_symmetric.py` and `train_deformgan.py`).
 
 - The config is YAML over `DEFAULTS` (unknown keys are an error, not a silent default).
 - Reproducible: the networks are initialised from `seed`, and everything random in
@@ -98,8 +99,12 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> dict:
         from . import train_symmetric
 
         return train_symmetric.check_config(_merge(train_symmetric.DEFAULTS, {**given, **overrides}))
+    if given.get("method") == "deformgan":
+        from . import train_deformgan
+
+        return train_deformgan.check_config(_merge(train_deformgan.DEFAULTS, {**given, **overrides}))
     if given.get("method", "adversarial") != "adversarial":
-        raise ConfigError(f"method must be 'adversarial', 'airnet' or 'symmetric', got {given['method']!r}")
+        raise ConfigError(f"method must be 'adversarial', 'airnet', 'symmetric' or 'deformgan', got {given['method']!r}")
     config = _merge(DEFAULTS, {**given, **overrides})
     if config["regularizer"] not in adv.REGULARIZERS:
         raise ConfigError(f"regularizer must be one of {adv.REGULARIZERS}, got {config['regularizer']!r}")
@@ -452,5 +457,9 @@ def train(config: dict, out, progress=None) -> dict:
         from .train_symmetric import SymmetricTrainer
 
         return SymmetricTrainer(config, out, progress).run()
+    if config["method"] == "deformgan":
+        from .train_deformgan import DeformGANTrainer
+
+        return DeformGANTrainer(config, out, progress).run()
     return Trainer(config, out, progress).run()
 

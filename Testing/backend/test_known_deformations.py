@@ -209,12 +209,12 @@ def test_the_true_field_scores_zero_and_an_offset_scores_its_length(stroke_pair,
     assert scored["epe_mm"] == pytest.approx(1.0, abs=1e-5) and scored["rmse"] > 1e-3
 
 
-def test_split_is_rejected_and_the_cli_runs_the_task(shared_data, tmp_path):
-    with pytest.raises(ValueError, match="split"):
-        evaluate_task("brain_t1t2", "identity", shared_data, n_pairs=1, split="test")
+def test_a_validation_split_is_rejected_and_the_cli_runs_the_task(shared_data, tmp_path):
+    with pytest.raises(ValueError, match="split"):  # three sets: train and test only (known_deformations.SPLIT)
+        evaluate_task("brain_t1t2", "identity", shared_data, n_pairs=1, split="val")
     out = tmp_path / "report.json"
     assert main(["--data-root", str(shared_data), "evaluate", "--task", "brain_t1t2", "--method", "centres", "--pairs", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["task"] == "brain_t1t2" and report["summary"]["n_pairs"] == 1
     assert report["summary"]["epe_mm"] > 2.0  # one shared grid: centring moves nothing
-    assert main(["--data-root", str(shared_data), "evaluate", "--task", "brain_t1t2", "--split", "test", "--json", str(out)]) == 2
+    assert main(["--data-root", str(shared_data), "evaluate", "--task", "brain_t1t2", "--split", "val", "--json", str(out)]) == 2

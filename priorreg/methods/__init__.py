@@ -7,6 +7,7 @@ options a method does not use are ignored by the baselines and rejected by the o
 from .adversarial import register_adversarial
 from .airnet import register_airnet
 from .baselines import register_centres, register_identity
+from .deformgan import register_deformgan
 from .dip import register_dip
 from .iterative import register_iterative
 from .symmetric import register_symmetric
@@ -19,4 +20,5 @@ METHODS = {
     "adversarial": register_adversarial,
     "airnet": register_airnet,
     "symmetric": register_symmetric,
+    "deformgan": register_deformgan,
 }

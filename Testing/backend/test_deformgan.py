@@ -1,0 +1,217 @@
+"""Deform-GAN (seed 002): geometry of T's field, training by turns, the loss weights, a tiny real run.
+
+The geometry test needs no data: T is set to output one constant model-frame vector, which must
+come back on the fixed grid (anisotropic, oblique, off-origin) as that vector turned by the fixed
+direction, plus the centring shift. The rest train on the shared brain sets at a tiny frame.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from priorreg import known_deformations as kd
+from priorreg.cli import main
+from priorreg.known_deformations import rotation_matrix
+from priorreg.methods import METHODS
+from priorreg.methods import deformgan as dg
+from priorreg.methods.adversarial import ModelFrame
+from priorreg.spatial import Grid
+from priorreg.train import load_config, train
+from priorreg.train_deformgan import DEFAULTS, DeformGANTrainer, draw_batch
+from priorreg.volume import Volume
+
+TINY = {
+    "method": "deformgan",
+    "name": "deformgan_tiny",
+    "seed": 0,
+    "device": "cpu",
+    "data": {"val_pairs": 0},
+    "frame": {"shape": [10, 14, 14], "spacing": 16.0, "margin": 2},
+    "network": {"transform": [4, 8], "generator": [4, 8], "discriminator": [4, 8], "output_scale_mm": 10.0},
+    "iterations": 4,
+    "lr": 1e-3,
+    "checkpoint_every": 2,
+    "validate_every": 0,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(tmp_path, shared_data, **changes) -> dict:
+    path = tmp_path / "tiny.yaml"
+    given = {**TINY, **changes}
+    path.write_text(yaml.safe_dump(given))
+    config = load_config(path)
+    config["data"]["root"] = str(shared_data)
+    return config
+
+
+def card_for(frame: ModelFrame, gan: bool = True) -> dict:
+    return dg.model_card(frame, {"transform": [4, 8], "generator": [4, 8], "discriminator": [4, 8], "output_scale_mm": 10.0}, gan)
+
+
+def constant_transform(card: dict, vector_mm) -> torch.nn.Module:
+    """T whose output is `vector_mm` (model x, y, z) everywhere: zero weights, the bias set."""
+    net = dg.build_networks(card)["transform"]
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.copy_(torch.as_tensor(vector_mm, dtype=torch.float32) / card["architecture"]["output_scale_mm"])
+    return net.eval()
+
+
+# ------------------------------------------------------------------------------------- geometry
+def test_field_is_in_lps_mm_on_an_anisotropic_oblique_fixed_grid():
+    direction = rotation_matrix([1.0, 2.0, 0.5], 25.0)
+    fixed = Volume(np.random.default_rng(0).random((9, 20, 16), dtype=np.float32), (1.2, 0.9, 4.0), (-30.0, 12.0, 7.5), direction)
+    moving = Volume(fixed.array.copy(), fixed.spacing, fixed.origin + np.array([3.0, -2.0, 5.0]), direction)
+    frame = ModelFrame((8, 12, 10), 3.0, 2)
+    card = card_for(frame)
+    d = np.array([2.0, -1.5, 4.0])
+    loaded = dg.LoadedDeformGAN(constant_transform(card, d), card, "cpu")
+
+    result = dg.register_deformgan(fixed, moving, loaded=loaded, init="centres")
+    field = result.field
+    assert field.array.shape == (3, 9, 20, 16) and Grid.of(field).matches(fixed)
+    expected = direction @ d + (Grid.of(moving).center - Grid.of(fixed).center)
+    np.testing.assert_allclose(field.array.reshape(3, -1).T, np.broadcast_to(expected, (9 * 20 * 16, 3)), atol=1e-4)
+    assert result.method == "deformgan" and Grid.of(result.warped).matches(fixed)
+    # with trusted headers the centring shift is gone: the vector alone, turned by the direction
+    geometry = dg.register_deformgan(fixed, moving, loaded=loaded, init="geometry").field
+    np.testing.assert_allclose(geometry.array[:, 4, 10, 8], direction @ d, atol=1e-4)
+
+
+def test_transform_net_starts_at_identity_and_keeps_odd_frame_sizes():
+    frame = ModelFrame((9, 13, 11), 4.0, 0)
+    nets = dg.build_networks(card_for(frame))
+    pair = torch.rand(2, 1, 9, 13, 11)
+    u = dg.displacement(nets["transform"], pair, pair.flip(0), 10.0)
+    assert u.shape == (2, 3, 9, 13, 11) and torch.count_nonzero(u) == 0
+    assert nets["generator"](pair).shape == pair.shape
+    assert nets["discriminator"](pair, pair).shape[:2] == (2, 1)
+    assert "generator" not in dg.build_networks(card_for(frame, gan=False))
+    assert METHODS["deformgan"] is dg.register_deformgan
+
+
+# ---------------------------------------------------------------------------------------- losses
+class ConstantDisc(torch.nn.Module):
+    def __init__(self, logit: float):
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, condition, image):
+        return torch.full_like(image[:, :1, ::2, ::2, ::2], self.logit)
+
+
+def test_loss_terms_have_the_papers_weights():
+    assert dg.WEIGHTS == {"alpha": 1.0, "beta": 2.0, "mu": 5.0, "lambda": 100.0} and dg.WINDOW == 7
+    assert DEFAULTS["loss"]["weights"] == dg.WEIGHTS and DEFAULTS["loss"]["window"] == 7 and DEFAULTS["loss"]["gan"] is True
+    g = torch.Generator().manual_seed(0)
+    grid = ModelFrame((12, 14, 16), 2.0, 0).canonical()
+    fixed, warped, synth = (torch.rand(1, 1, 12, 14, 16, generator=g) for _ in range(3))
+    u = torch.randn(1, 3, 12, 14, 16, generator=g)
+    lg = dg.losses.local_gradient(fixed, warped, grid, 7)
+    cc = dg.losses.lncc(fixed, synth, 7)
+    smooth = dg.regularizers.gradient_l2(u, grid)
+    total, parts = dg.transform_loss(fixed, warped, synth, u, grid)
+    assert total.item() == pytest.approx((cc + 2 * lg + 1 * smooth).item(), rel=1e-6)
+    assert parts["lncc"] == pytest.approx(cc.item()) and parts["local_gradient"] == pytest.approx(lg.item())
+    # VoxelMorph-LG: no G, so no LCC term
+    vm, vm_parts = dg.transform_loss(fixed, warped, None, u, grid)
+    assert vm.item() == pytest.approx((2 * lg + smooth).item(), rel=1e-6) and "lncc" not in vm_parts
+    # eq. 8: GAN + mu LG(G(F(phi)), F(phi)) + lambda L1(G(F(phi)), R); D(.) = 0 logits: GAN = log 2
+    g_total, g_parts = dg.generator_loss(ConstantDisc(0.0), warped, synth, fixed, grid)
+    expected = np.log(2) + 5 * dg.losses.local_gradient(synth, warped, grid, 7).item() + 100 * (synth - fixed).abs().mean().item()
+    assert g_total.item() == pytest.approx(expected, rel=1e-5) and g_parts["g_gan"] == pytest.approx(np.log(2))
+    d_total, d_parts = dg.discriminator_loss(ConstantDisc(0.0), warped, synth, fixed)
+    assert d_total.item() == pytest.approx(np.log(2)) and d_parts["d_real"] == pytest.approx(0.5)
+    assert dg.discriminator_loss(ConstantDisc(5.0), warped, synth, fixed)[0].item() > 2  # confident "real" on fakes costs
+
+
+# -------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def trainer(shared_data, tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("config"), shared_data)
+    return DeformGANTrainer(config, tmp_path_factory.mktemp("turns"))
+
+
+def snapshot(trainer) -> dict:
+    return {name: [p.detach().clone() for p in m.parameters()] for name, m in trainer.modules.items()}
+
+
+def changed(before: dict, after: dict) -> set:
+    return {name for name in before if any(not torch.equal(a, b) for a, b in zip(before[name], after[name]))}
+
+
+def test_each_network_changes_only_in_its_own_turn(trainer):
+    assert trainer.data.ids == list(kd.SPLIT["train"])
+    batch = trainer.batch(draw_batch(trainer.config, 0, len(trainer.data)))
+    assert batch["fixed"].shape == batch["moving"].shape == (1, 1, 10, 14, 14)
+    assert batch["moving_big"].shape == (1, 1, 14, 18, 18) and batch["true_field"].shape == (1, 3, 10, 14, 14)
+
+    before = snapshot(trainer)
+    _, warped, parts = trainer.transform_turn(batch)
+    assert changed(before, snapshot(trainer)) == {"transform"} and "lncc" in parts
+    assert all(p.grad is None for name in ("generator", "discriminator") for p in trainer.modules[name].parameters())
+
+    before = snapshot(trainer)
+    synthesized, _ = trainer.generator_turn(batch, warped)
+    assert changed(before, snapshot(trainer)) == {"generator"}
+    assert all(p.grad is None for p in trainer.modules["discriminator"].parameters())
+
+    before = snapshot(trainer)
+    trainer.discriminator_turn(batch, warped, synthesized)
+    assert changed(before, snapshot(trainer)) == {"discriminator"}
+
+
+def test_t_alone_lowers_its_loss_on_one_known_deformation(shared_data, tmp_path):
+    config = tiny_config(tmp_path, shared_data, loss={"gan": False}, lr=3e-3)
+    vm = DeformGANTrainer(config, tmp_path / "vm")
+    assert set(vm.modules) == {"transform"}
+    batch = vm.batch(draw_batch(config, 0, len(vm.data)))
+    first = vm.transform_turn(batch)[2]["loss"]
+    for _ in range(15):
+        last = vm.transform_turn(batch)[2]["loss"]
+    assert np.isfinite(last) and last < 0.9 * first
+
+
+@pytest.fixture(scope="module")
+def tiny_model(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    config = tiny_config(out, shared_data)
+    last = train(config, out)
+    return out / "deformgan_tiny.safetensors", last
+
+
+def test_a_tiny_run_saves_a_model_that_registers(tiny_model):
+    path, last = tiny_model
+    assert last["iteration"] == 4 and np.isfinite(last["loss"]) and np.isfinite(last["g_loss"])
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["method"] == "deformgan" and card["gan"] is True
+    assert card["training"]["split"] == {k: list(v) for k, v in kd.SPLIT.items()}
+    assert card["training"]["train_sets"] == list(kd.SPLIT["train"])
+    assert (path.parent / "log.csv").exists() and (path.parent / "checkpoint.safetensors").exists()
+    fixed = Volume(np.random.default_rng(1).random((8, 30, 26), dtype=np.float32), (0.9, 0.9, 6.5), (10.0, -20.0, 0.0), np.eye(3))
+    field = dg.register_deformgan(fixed, fixed, model=path, device="cpu").field
+    assert Grid.of(field).matches(fixed) and np.isfinite(field.array).all()
+
+
+def test_evaluate_scores_the_tiny_model_on_the_held_back_set(tiny_model, shared_data, tmp_path):
+    path, _ = tiny_model
+    out = tmp_path / "report.json"
+    args = ["--data-root", str(shared_data), "evaluate", "--task", "brain_t1t2", "--split", "test"]
+    assert main([*args, "--method", "deformgan", "--model", str(path), "--device", "cpu", "--pairs", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["pairs"]
+    assert row["id"].startswith(kd.SPLIT["test"][0]) and report["model"] == str(path) and report["split"] == "test"
+    assert np.isfinite(row["epe_mm"]) and np.isfinite(row["rmse"]) and row["seconds"] > 0
