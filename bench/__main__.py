@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from priorreg.cli import DEFAULT_MODELS
 from priorreg.evaluate import evaluate_task, versions
 from priorreg.methods import METHODS
+from priorreg.models import available_models
 
 from .peers import PEERS, THREADS, missing
 
@@ -46,7 +48,13 @@ OPTIONS = {
     "brain_t1t2": {"iterative": {"similarity": "local_gradient"}, "dip": {"similarity": "local_gradient"}},
 }
 # Trained networks run only on the task their shipped model was trained for.
-ONLY_ON = {"adversarial": {"mrus_prostate"}, "airnet": {"mrus_prostate"}, "symmetric": {"hippocampus"}, "voxelmorph": {"hippocampus"}}
+ONLY_ON = {
+    "adversarial": {"mrus_prostate"},
+    "airnet": {"mrus_prostate"},
+    "symmetric": {"hippocampus"},
+    "deformgan": {"brain_t1t2"},
+    "voxelmorph": {"hippocampus"},
+}
 COLUMNS = {
     "hippocampus": ["dice_mean", "dice30", "hd95_mm", "sdlogj", "folding_pct", "seconds_per_pair"],
     "mrus_prostate": ["tre_median_mm", "tre_iqr_low_mm", "tre_iqr_high_mm", "dice_mean", "folding_pct", "seconds_per_pair"],
@@ -60,8 +68,9 @@ def run_task(task: str, methods: list[str], peers: list[str], root, n_pairs: int
     for name in methods + peers:
         if task not in ONLY_ON.get(name, {task}):
             continue
-        if name in PEERS and missing(name):
-            reports[name] = {"missing": missing(name)}
+        why = missing(name) if name in PEERS else unshipped(name)
+        if why:
+            reports[name] = {"missing": why}
             print(f"{task}: {name} missing", file=sys.stderr)
             continue
         options = {"device": "cpu", **OPTIONS.get(task, {}).get(name, {})} if name in METHODS and name != "identity" else {}
@@ -70,6 +79,14 @@ def run_task(task: str, methods: list[str], peers: list[str], root, n_pairs: int
         reports[name] = evaluate_task(task, name, root, n_pairs, split, seed, options, registrar=registrar)
         print(f"{task}: {name} done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return reports
+
+
+def unshipped(method: str) -> str | None:
+    """Why a trained method cannot run (its default model is not shipped), else None."""
+    model = DEFAULT_MODELS.get(method)
+    if model is None or model in available_models():
+        return None
+    return f"no shipped model {model!r} (train one: bench/configs/{model}.yaml)"
 
 
 def markdown(task: str, reports: dict[str, dict]) -> str:

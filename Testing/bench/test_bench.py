@@ -79,3 +79,12 @@ def test_speed_suite_times_each_method_in_its_own_process(tmp_path, shared_data)
             assert r["peak_rss_mb"] > 50  # a real process that imported torch
     table = (out / "speed.md").read_text()
     assert "| 64 | centres |" in table and (out / "speed.png").stat().st_size > 1000
+
+
+def test_a_trained_method_without_a_shipped_model_is_listed_with_the_reason(tmp_path, shared_data):
+    out = tmp_path / "bench"
+    assert main(["run", "--tasks", "brain_t1t2", "--pairs", "1", "--methods", "identity", "deformgan", "--peers",
+                 "--data-root", str(shared_data), "--out", str(out)]) == 0
+    reports = json.loads((out / "brain_t1t2.json").read_text())
+    assert "bench/configs/deformgan_brain.yaml" in reports["deformgan"]["missing"]
+    assert reports["identity"]["summary"]["epe_mm"] > 1.0  # the known deformation, unrecovered
