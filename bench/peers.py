@@ -75,9 +75,9 @@ def _field_from_file(path) -> Volume:
 
 def _voxelmorph(fixed: Volume, moving: Volume) -> Volume:
     """VoxelMorph trained by us on the hippocampus training subjects (`bench/voxelmorph.py`)."""
-    from .voxelmorph import peer
+    from .voxelmorph import register
 
-    return peer(fixed, moving)
+    return register(fixed, moving)
 
 
 # name -> (python module that must be importable, registrar)

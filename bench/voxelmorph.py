@@ -14,7 +14,7 @@ updates, logged with validation Dice, as long a run as the symmetric network's o
 Geometry: VoxelMorph's displacement is in voxels of the frame, channels in array-axis order
 (k, j, i); PriorReg's model-frame field is in mm, channels (x, y, z). `model_field` converts,
 and `adversarial.to_fixed_grid` puts it on the fixed image's own grid (LPS mm), so the peer is
-scored by the same `priorreg.evaluate` code as every method (Testing/bench/test_voxelmorph.py
+scored by the same `priorreg.evaluate` code as every method (`bench.peers` calls `register`) (Testing/bench/test_voxelmorph.py
 checks the conversion against VoxelMorph's own warp on an oblique grid).
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from priorreg import Volume
+from priorreg.data import hippocampus_pairs
 from priorreg.evaluate import pair_metrics, summarise
 from priorreg.grid import Grid
 from priorreg.methods import symmetric as sym
@@ -77,7 +78,7 @@ def train(
     torch.manual_seed(seed)
     splits = subject_splits({**SYMMETRIC["data"], "root": root})
     subjects = FramedSubjects(splits["train"][:limit], root, FRAME)
-    val_pairs = list(zip(splits["val"], splits["val"][1:] + splits["val"][:1]))[:limit]
+    val_pairs = hippocampus_pairs(root, subjects=splits["val"])[:limit]  # the symmetric trainer's validation pairs
     out = Path(out or WEIGHTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     net = build()
@@ -101,7 +102,7 @@ def train(
         rows.append({"iteration": t, "seconds": round(time.time() - start, 1), "loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
         if t % validate_every == 0 or t == iterations:
             net.eval()
-            rows[-1].update({f"val_{k}": v for k, v in validate(net, val_pairs, root).items()})
+            rows[-1].update({f"val_{k}": v for k, v in validate(net, val_pairs).items()})
             net.train()
             log(json.dumps(rows[-1]))
             _save(out, net, rows, {"subjects": subjects.ids, "validation_pairs": len(val_pairs), "iterations": t, "seed": seed})
@@ -125,15 +126,12 @@ def _save(out: Path, net: torch.nn.Module, rows: list[dict], training: dict) -> 
     save_model(out, dict(net.state_dict()), card)
 
 
-def validate(net, pairs, root) -> dict:
+def validate(net, pairs) -> dict:
     """Dice, HD95 and SDlogJ on validation pairs, through the same code path as evaluation."""
-    from priorreg.data import hippocampus_files
-
     reports = []
-    for a, b in pairs:
-        (fi, fl), (mi, ml) = hippocampus_files(a, root), hippocampus_files(b, root)
-        fixed, moving, fixed_labels, moving_labels = (Volume.read(p) for p in (fi, mi, fl, ml))
-        reports.append(pair_metrics(register(fixed, moving, net), fixed, moving, fixed_labels, moving_labels))
+    for pair in pairs:
+        v = pair.load()
+        reports.append(pair_metrics(register(v.fixed, v.moving, net), v.fixed, v.moving, v.fixed_labels, v.moving_labels))
     s = summarise(reports)
     return {k: s[k] for k in ("dice_mean", "dice30", "hd95_mm", "sdlogj", "folding_pct")}
 
@@ -169,9 +167,3 @@ def register(fixed: Volume, moving: Volume, net: torch.nn.Module | None = None) 
     with torch.no_grad():
         disp = net(m, f)
     return to_fixed_grid(model_field(disp, FRAME.spacing), fg, FRAME.physical(cf, fg.direction), cf, cm)
-
-
-def peer(fixed: Volume, moving: Volume) -> Volume:
-    """The `bench.peers` registrar: the committed weights (`WEIGHTS`)."""
-    return register(fixed, moving)
-
