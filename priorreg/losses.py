@@ -60,14 +60,29 @@ def lncc(fixed: torch.Tensor, warped: torch.Tensor, window=7, eps: float = 1e-5)
 
 
 def local_gradient(fixed: torch.Tensor, warped: torch.Tensor, grid: Grid, window=7, eps: float = 1e-3) -> torch.Tensor:
-    """Seed 002's local gradient loss: distance between normalised local gradients.
+    """Seed 002's local gradient loss, made blind to the sign of edges: `mean(1 - (n_f . n_w)^2)`.
 
     The image gradient (per mm, so anisotropic grids weigh axes correctly) is
-    averaged over an `window`^3 neighbourhood, normalised to
-    `g / sqrt(|g|^2 + eps^2)`, and the loss is the mean over voxels of
-    `|n(fixed) - n(warped)|^2 / 4` (in [0, 1]: 0 aligned edges, 1 opposite ones).
-    Like NGF it compares edge directions, so it works across modalities; the
-    local averaging is what the paper credits for its robustness to noise.
+    averaged over an `window`^3 neighbourhood (seed 002: 7) and normalised to
+    `n = g / sqrt(|g|^2 + eps^2)` (|n| ~ 1 on edges, ~ 0 where the image is flat);
+    the loss is the mean over voxels of `1 - (n_f . n_w)^2`, in [0, 1]: 0 where
+    both images have an edge of the same orientation, whichever side is bright,
+    1 where the edges cross or either image is flat there. The local averaging
+    is what the paper credits for its robustness to noise.
+
+    Why not the paper's `|n_f - n_w|^2` (eq. 3): that distance is 0 only for edges
+    of the same *sign*, and across modalities the sign flips: from T1 to T2 white
+    matter goes from bright to dark and CSF from dark to bright, so at the true
+    alignment the signed distance is near its maximum on those edges. On the
+    `brain_t1t2` stroke pair (1/2 resolution) half of the strong edges inside the head
+    have opposite signs at the true field, and the signed distance *rose* from 0.194
+    at identity to 0.202 at the true field, so minimising it pulled the field away:
+    `register_iterative` went from 5.39 mm EPE (identity) to 12.88 mm, and 11.17 to
+    18.59 mm on tumour Study3. Squaring the cosine (as NGF, Haber & Modersitzki 2006)
+    makes the minimum the alignment for either polarity: 0.541 -> 0.486, and the same
+    registrations reach 1.92 and 3.11 mm. For edges of the same sign (a mono-modal
+    pair, or Deform-GAN's translated image against the reference) it still compares
+    edge directions only.
     """
 
     def normalised(x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +90,8 @@ def local_gradient(fixed: torch.Tensor, warped: torch.Tensor, grid: Grid, window
         g = box_mean(g, window).unflatten(1, (x.shape[1], 3))
         return g / torch.sqrt((g * g).sum(2, keepdim=True) + eps**2)
 
-    diff = normalised(fixed) - normalised(warped)
-    return (diff * diff).sum(2).mean() / 4
+    cos = (normalised(fixed) * normalised(warped)).sum(2)
+    return (1 - cos * cos).mean()
 
 
 def mae(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:

@@ -182,7 +182,8 @@ def test_t_alone_lowers_its_loss_on_one_known_deformation(shared_data, tmp_path)
     first = vm.transform_turn(batch)[2]["loss"]
     for _ in range(15):
         last = vm.transform_turn(batch)[2]["loss"]
-    assert np.isfinite(last) and last < 0.9 * first
+    # An absolute drop: the local gradient loss is 1 on flat voxels (no edge to align), a floor that a ratio would count.
+    assert np.isfinite(last) and last < first - 0.03, (first, last)
 
 
 @pytest.fixture(scope="module")

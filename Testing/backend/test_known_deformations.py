@@ -9,12 +9,15 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from priorreg import known_deformations as kd
+from priorreg import losses
 from priorreg.cli import main
 from priorreg.evaluate import evaluate_task, known_field_metrics
 from priorreg.jacobian import jacobian_stats
-from priorreg.spatial import Grid, affine_to_field, field_to_sitk, resample
+from priorreg.methods.common import normalise_intensity
+from priorreg.spatial import Grid, affine_to_field, field_to_sitk, resample, warp
 from priorreg.volume import Volume
 
 from .geometry import oblique
@@ -163,6 +166,21 @@ def test_the_true_field_registers_the_pair(stroke_pair):
     warped_head = kd.foreground(v.true_warped).array.astype(bool)
     moving_head = kd.foreground(v.moving).array.astype(bool)
     assert dice(head, warped_head) > 0.95 and dice(head, warped_head) > dice(head, moving_head) + 0.03
+
+
+def test_local_gradient_loss_falls_towards_the_true_field(stroke_pair):
+    """T1 -> T2 flips the sign of most brain edges: the similarity must still be lowest at the answer.
+
+    The paper's signed distance rose from identity to the true field on this pair (0.244 -> 0.289),
+    so `register_iterative` with it went from 5.4 mm EPE to 12.9 mm.
+    """
+    _, v = stroke_pair
+    grid = Grid.of(v.fixed)
+    fixed, moving = (torch.as_tensor(normalise_intensity(x.array))[None, None] for x in (v.fixed, v.moving))
+    u = torch.as_tensor(v.true_field.array)[None]
+    loss = {s: losses.local_gradient(fixed, warp(moving, s * u, grid, grid), grid).item() for s in (0.0, 0.5, 1.0, 1.5)}
+    assert loss[1.0] < loss[0.5] - 0.02 < loss[0.0] - 0.04, loss
+    assert loss[1.0] < loss[1.5] - 0.02, loss
 
 
 def independent_mask(pair, v) -> np.ndarray:

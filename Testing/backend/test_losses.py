@@ -1,6 +1,7 @@
 """Losses and regularizers: known values, physical units on anisotropic and oblique grids."""
 
 import numpy as np
+import pytest
 import torch
 
 from priorreg import losses, regularizers
@@ -61,11 +62,36 @@ def test_local_gradient_compares_edges_across_contrasts():
     gen = torch.Generator().manual_seed(1)
     img = torch.nn.functional.interpolate(torch.rand(1, 1, 5, 5, 5, generator=gen), size=(20, 22, 24), mode="trilinear")
     other_contrast = 10 * img**2 + 1  # monotone: same edge directions, different intensities
-    assert losses.local_gradient(img, img, grid).item() < 1e-6
+    same = losses.local_gradient(img, img, grid).item()
+    assert same < 0.01  # not 0: 1 - |n|^4 where the gradient is weak (|n| < 1)
     assert losses.local_gradient(img, other_contrast, grid).item() < 0.02
-    assert losses.local_gradient(img, -img, grid).item() > 0.9  # opposite edges: near the maximum 1
+    # Inverted contrast (T1 -> T2: white matter bright -> dark) is as aligned: the sign of an edge does not count.
+    assert losses.local_gradient(img, 1 - img, grid).item() == pytest.approx(same, abs=1e-6)
     shifted = torch.roll(img, 4, dims=4)
     assert losses.local_gradient(img, shifted, grid).item() > 0.1
+
+
+def _t1_t2_phantom(offset_i: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nested spheres, a head-like T1 and T2 pair: background 0; tissue bright in T1, dark in T2 and a
+    core ("CSF") dark in T1, bright in T2, so the inner edge flips sign between the two and the outer one does not."""
+    k, j, i = np.indices((24, 24, 24), dtype=np.float64)
+    r = np.sqrt((k - 12) ** 2 + (j - 12) ** 2 + (i - 11 - offset_i) ** 2)
+    head, core = r <= 9, r <= 4.5
+    t1 = np.where(core, 0.2, np.where(head, 1.0, 0.0))
+    t2 = np.where(core, 1.0, np.where(head, 0.4, 0.0))
+    return tuple(torch.as_tensor(x.astype(np.float32))[None, None] for x in (t1, t2))
+
+
+def test_local_gradient_is_smallest_at_alignment_of_a_t1_t2_pair():
+    """The defect: the signed distance of normalised gradients was largest where T1 and T2 align."""
+    grid = _grid(shape=(24, 24, 24))
+    t1, t2 = _t1_t2_phantom()
+    aligned = losses.local_gradient(t2, t1, grid).item()
+    assert aligned < 0.25
+    by_shift = {s: losses.local_gradient(t2, _t1_t2_phantom(s)[0], grid).item() for s in (-3, -2, -1, 1, 2, 3)}
+    assert all(v > aligned + 0.02 for v in by_shift.values()), (aligned, by_shift)
+    # and it grows with the misalignment on either side
+    assert by_shift[1] < by_shift[2] < by_shift[3] and by_shift[-1] < by_shift[-2] < by_shift[-3], by_shift
 
 
 def test_mae_mse():

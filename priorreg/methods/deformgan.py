@@ -8,7 +8,9 @@ needed to register (`register_deformgan`).
 Losses (section 2.2, weights of section 3.3), as `transform_loss`, `generator_loss` and
 `discriminator_loss` compute them. The paper writes its similarities with a minus sign
 ("negative LCC", "negative local gradient distance"); `losses.lncc` is already the negative
-correlation and `losses.local_gradient` is the distance, so here every term is added:
+correlation and `losses.local_gradient` is the distance (polarity-blind, `1 - cos^2` of the
+normalised local gradients, where eq. 3's `|n_R - n_F|` would reward flipped T1/T2 edges; see
+its docstring), so here every term is added:
 
 - Eq. 4-6, T: `L_T = lncc(R, F'(phi)) + beta * LG(R, F(phi)) + alpha * |grad u|^2`,
   alpha = 1 (smoothness, eq. 4), beta = 2 (local gradient, eq. 5), LCC weight 1, windows of
