@@ -52,6 +52,17 @@ def test_cancel_raises_and_progress_increases(pair):
     assert all(a.elapsed < b.elapsed for a, b in zip(reports, reports[1:]))
 
 
+def test_a_time_budget_stops_each_level_in_proportion(pair):
+    """`max_seconds` binds from the first step: a brain at full size must not run its 100 warm-up steps first."""
+    fixed, moving = pair[:2]
+    reports = []
+    result = dip.register_dip(fixed, moving, levels=(4, 2), steps=(150, 150), max_seconds=1.0, progress=reports.append, device="cpu")
+    by_level = {stage: sum(p.stage == stage for p in reports) for stage in ("dip 1/4", "dip 1/2")}
+    # Without the budget each level would run at least its 100 warm-up steps (patience).
+    assert 1 <= by_level["dip 1/4"] < 100 and 1 <= by_level["dip 1/2"] < 100, by_level
+    assert Grid.of(result.field).matches(fixed) and np.abs(result.field.array).max() > 0
+
+
 def test_noise_input_is_resampled_every_iteration(pair, monkeypatch):
     fixed, moving = pair[:2]
     inputs = []

@@ -119,13 +119,15 @@ def register_dip(
             monitor.tick(f"dip 1/{factor:g}", value)
             # The loss is noisy (fresh z every step): the plateau test uses its moving average.
             ema = value if ema is None else 0.9 * ema + 0.1 * value
+            if budget_end is not None and monitor.elapsed >= budget_end:  # the user's budget binds in the warm-up too
+                break
             if step < patience:  # warm-up: the loss first rises while the net leaves its near-zero start
                 continue
             if ema < best - min_delta * abs(best):
                 best, since_best = ema, 0
             else:
                 since_best += 1
-            if since_best >= patience or (budget_end is not None and monitor.elapsed >= budget_end):
+            if since_best >= patience:
                 break
         # The field: the network's output averaged over a few fresh noise draws (it hardly depends on z).
         with torch.no_grad():
