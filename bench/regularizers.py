@@ -84,11 +84,13 @@ def run(root, simulations, models: Path, out: Path, split: str = "test", configs
     return text
 
 
-def ship(results: Path, variant: str, name: str, dest: Path) -> Path:
+def ship(results: Path, variant: str, name: str, dest: Path, baselines: list[Path] = ()) -> Path:
     """Copy a trained model into `dest` as `<name>` with its held-out figures in the card.
 
     The shipped card says where the weights came from (config, data, split, command) and
     what they measure on the test patients, from the same JSON the table was made from.
+    `baselines`: `priorreg evaluate --json` reports of other methods on the same pairs
+    (identity, centres), so the card says what the model adds.
     """
     from priorreg.models import load_model, save_model
 
@@ -106,7 +108,22 @@ def ship(results: Path, variant: str, name: str, dest: Path) -> Path:
         "summary": report["summary"],
         **({"tre_median_iqr_mm": _median_iqr(tre)} if tre else {}),
         ("gland_dice_median_iqr" if mrus else "dice_median_iqr"): _median_iqr(dice),
-        "baselines": {k: reports[k]["summary"] for k in ("identity", "centres") if k in reports and "pairs" not in reports},
+        "baselines": {
+            **{k: reports[k]["summary"] for k in ("identity", "centres") if k in reports and "pairs" not in reports},
+            **{b["method"]: b["summary"] for b in map(_same_pairs(report), baselines)},
+        },
         "source": f"evaluation report {Path(results).name}",
     }
     return save_model(dest / f"{name}.safetensors", tensors, card)
+
+
+def _same_pairs(report: dict):
+    """A reader of baseline reports that refuses one made on other pairs than `report`."""
+
+    def read(path: Path) -> dict:
+        baseline = json.loads(Path(path).read_text())
+        if [p["id"] for p in baseline["pairs"]] != [p["id"] for p in report["pairs"]]:
+            raise ValueError(f"{path}: its pairs are not the model's evaluation pairs")
+        return baseline
+
+    return read

@@ -88,3 +88,37 @@ def test_a_trained_method_without_a_shipped_model_is_listed_with_the_reason(tmp_
     reports = json.loads((out / "brain_t1t2.json").read_text())
     assert "bench/configs/deformgan_brain.yaml" in reports["deformgan"]["missing"]
     assert reports["identity"]["summary"]["epe_mm"] > 1.0  # the known deformation, unrecovered
+
+
+def test_ship_writes_the_test_figures_and_baselines_into_the_card(tmp_path, shared_data):
+    """`python -m bench ship --baselines`: the card carries what the model and the baselines measured on the same pairs."""
+    from priorreg.cli import main as priorreg
+    from priorreg.models import load_model
+
+    def evaluate(method, n):
+        out = tmp_path / f"{method}_{n}.json"
+        args = ["--data-root", str(shared_data), "evaluate", "--task", "hippocampus", "--split", "test", "--pairs", str(n)]
+        assert priorreg([*args, "--device", "cpu", "--method", method, "--json", str(out)]) == 0
+        return out
+
+    model, centres, other_pairs = evaluate("symmetric", 2), evaluate("centres", 2), evaluate("centres", 3)
+    dest = tmp_path / "models"
+    args = ["ship", "--results", str(model), "--variant", "symmetric", "--name", "shipped", "--dest", str(dest)]
+    assert main([*args, "--baselines", str(centres)]) == 0
+    card = load_model(dest / "shipped.safetensors")[1]
+    report, baseline = (json.loads(p.read_text()) for p in (model, centres))
+    assert card["metrics"]["summary"] == report["summary"] and card["metrics"]["split"] == "test"
+    assert card["metrics"]["baselines"] == {"centres": baseline["summary"]}
+    assert card["metrics"]["summary"]["dice_mean"] > baseline["summary"]["dice_mean"]
+    with pytest.raises(ValueError, match="not the model's evaluation pairs"):
+        main([*args, "--baselines", str(other_pairs)])
+
+
+def test_oasis_suite_scores_atlas_to_subject_brains(tmp_path, shared_data):
+    """The `oasis` suite (seed 003's table: Dice over 35 structures, SSIM, det J) on one full-size brain."""
+    out = tmp_path / "bench"
+    assert main(["run", "--tasks", "oasis", "--pairs", "1", "--methods", "identity", "--peers", "--data-root", str(shared_data), "--out", str(out)]) == 0
+    s = json.loads((out / "oasis.json").read_text())["identity"]["summary"]
+    assert s["n_pairs"] == 1 and 0.3 < s["dice_mean"] < 0.8  # affinely pre-aligned brains: overlap without registration
+    assert s["detj_mean"] == pytest.approx(1.0) and s["detj_std"] == 0 and 0 < s["ssim"] < 1
+    assert "| identity | 1 |" in (out / "results.md").read_text()
