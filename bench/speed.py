@@ -92,11 +92,11 @@ def measure(method, size_name, root, repeats=5, device="cpu", options=None) -> d
 
 
 def run(root, methods, sizes, out: Path, repeats=5, device="cpu", options=None) -> str:
-    from priorreg.evaluate import versions
-
-    from .peers import PEERS, THREADS, available
+    """Measure every (size, method); the tables are rewritten after each, so a cut-short run keeps what it measured."""
+    from .peers import PEERS, available
 
     results: dict[str, dict] = {}
+    text = ""
     for size in sizes:
         results[size] = {}
         for method in methods:
@@ -105,26 +105,42 @@ def run(root, methods, sizes, out: Path, repeats=5, device="cpu", options=None) 
                 continue
             results[size][method] = measure(method, size, root, repeats, device, (options or {}).get(method))
             print(f"{size} {method}: {results[size][method]}", file=sys.stderr)
+            text = _write(results, out, methods, sizes, repeats, device)
+    _plot(results, out / f"{_stem(device)}.png")
+    return text
+
+
+def _stem(device: str) -> str:
+    return "speed" if device == "cpu" else f"speed_{device}"  # a GPU run sits beside the CPU one
+
+
+def _write(results: dict, out: Path, methods, sizes, repeats, device) -> str:
+    """`speed[_DEVICE].json` and `.md` of what is measured so far; returns the Markdown."""
+    from priorreg.evaluate import versions
+
+    from .peers import THREADS
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps({"device": device, "threads": THREADS, "versions": versions(), "results": results}, indent=1) + "\n")
+    gpu = device != "cpu"
+    (out / f"{_stem(device)}.json").write_text(json.dumps({"device": device, "threads": THREADS, "versions": versions(), "results": results}, indent=1) + "\n")
     lines = [
         f"Run {time.strftime('%Y-%m-%d')}, device {device}, {THREADS} CPU threads, median of {repeats} after one warm-up.",
-        f"Command: `python -m bench speed --methods {' '.join(methods)} --sizes {' '.join(sizes)} --repeats {repeats}`",
+        f"Command: `python -m bench speed --methods {' '.join(methods)} --sizes {' '.join(sizes)} --repeats {repeats} --device {device}`",
         "",
-        "| size | method | seconds | vs fastest | peak RSS MB |",
-        "|---|---|---|---|---|",
+        "| size | method | seconds | vs fastest | peak RSS MB |" + (" max GPU allocated MB |" if gpu else ""),
+        "|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for size, by_method in results.items():
         timed = [r["seconds"] for r in by_method.values() if "seconds" in r]
         fastest = min(timed) if timed else 1.0
         for method, r in by_method.items():
             if "seconds" in r:
-                lines.append(f"| {size} | {method} | {r['seconds']:.3g} | {r['seconds'] / fastest:.1f}x | {r['peak_rss_mb']:.0f} |")
+                row = f"| {size} | {method} | {r['seconds']:.3g} | {r['seconds'] / fastest:.1f}x | {r['peak_rss_mb']:.0f} |"
+                lines.append(row + (f" {r['gpu_max_allocated_mb']:.0f} |" if gpu else ""))
             else:
-                lines.append(f"| {size} | {method} | {r.get('missing') or r.get('error')} | | |")
+                lines.append(f"| {size} | {method} | {r.get('missing') or r.get('error')} | | |" + (" |" if gpu else ""))
     text = "\n".join(lines) + "\n"
-    (out / "speed.md").write_text(text)
-    _plot(results, out / "speed.png")
+    (out / f"{_stem(device)}.md").write_text(text)
     return text
 
 
