@@ -110,20 +110,16 @@ def ship(results: Path, variant: str, name: str, dest: Path, baselines: list[Pat
         ("gland_dice_median_iqr" if mrus else "dice_median_iqr"): _median_iqr(dice),
         "baselines": {
             **{k: reports[k]["summary"] for k in ("identity", "centres") if k in reports and "pairs" not in reports},
-            **{b["method"]: b["summary"] for b in map(_same_pairs(report), baselines)},
+            **{b["method"]: b["summary"] for b in (_baseline(path, report) for path in baselines)},
         },
         "source": f"evaluation report {Path(results).name}",
     }
     return save_model(dest / f"{name}.safetensors", tensors, card)
 
 
-def _same_pairs(report: dict):
-    """A reader of baseline reports that refuses one made on other pairs than `report`."""
-
-    def read(path: Path) -> dict:
-        baseline = json.loads(Path(path).read_text())
-        if [p["id"] for p in baseline["pairs"]] != [p["id"] for p in report["pairs"]]:
-            raise ValueError(f"{path}: its pairs are not the model's evaluation pairs")
-        return baseline
-
-    return read
+def _baseline(path: Path, report: dict) -> dict:
+    """A baseline's evaluation report, refused when it was made on other pairs than `report`."""
+    baseline = json.loads(Path(path).read_text())
+    if [p["id"] for p in baseline["pairs"]] != [p["id"] for p in report["pairs"]]:
+        raise ValueError(f"{path}: its pairs are not the model's evaluation pairs")
+    return baseline

@@ -65,15 +65,22 @@ def save_model(path: str | os.PathLike, tensors: dict, card: dict) -> Path:
     return path
 
 
-def load_model(name_or_path: str | os.PathLike) -> tuple[dict, dict, Path]:
-    """Tensors, card and file of a model; the card must sit beside the weights."""
+def load_model(name_or_path: str | os.PathLike, method: str | None = None) -> tuple[dict, dict, Path]:
+    """Tensors, card and file of a model; the card must sit beside the weights.
+
+    With `method`, a `ValueError` unless the card says the model is one (a network of one method
+    handed to another would load nothing, or load wrong).
+    """
     from safetensors.torch import load_file
 
     path = resolve_model(name_or_path)
     card_path = path.with_suffix(".json")
     if not card_path.exists():
         raise FileNotFoundError(f"{path}: its model card {card_path.name} is missing")
-    return load_file(path), json.loads(card_path.read_text()), path
+    card = json.loads(card_path.read_text())
+    if method is not None and card.get("method") != method:
+        raise ValueError(f"{path}: not a {method} model (method {card.get('method')!r})")
+    return load_file(path), card, path
 
 
 def prefixed(tensors: dict, prefix: str) -> dict:

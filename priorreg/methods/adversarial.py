@@ -184,9 +184,7 @@ class LoadedModel:
     @classmethod
     def load(cls, model="adversarial_mrus", device: str = "auto") -> "LoadedModel":
         """From a shipped model name or a `.safetensors` path (its `.json` card beside it)."""
-        tensors, card, path = load_model(model)
-        if card.get("method") != "adversarial":
-            raise ValueError(f"{path}: not an adversarial-registration model (method {card.get('method')!r})")
+        tensors, card, path = load_model(model, method="adversarial")
         net, disc = build_networks(card)
         net.load_state_dict(prefixed(tensors, "generator"))
         if disc is not None:

@@ -224,9 +224,7 @@ class LoadedAirNet:
 
     @classmethod
     def load(cls, model="airnet_mrus", device: str = "auto") -> LoadedAirNet:
-        tensors, card, path = load_model(model)
-        if card.get("method") != "airnet":
-            raise ValueError(f"{path}: not an AIR-net model (method {card.get('method')!r})")
+        tensors, card, path = load_model(model, method="airnet")
         generator, critic = build_networks(card)
         generator.load_state_dict(prefixed(tensors, "generator"))
         critic.load_state_dict(prefixed(tensors, "critic"))

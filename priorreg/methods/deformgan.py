@@ -161,9 +161,7 @@ class LoadedDeformGAN:
     @classmethod
     def load(cls, model="deformgan_brain", device: str = "auto") -> LoadedDeformGAN:
         """From a shipped model name or a `.safetensors` path (its `.json` card beside it)."""
-        tensors, card, path = load_model(model)
-        if card.get("method") != "deformgan":
-            raise ValueError(f"{path}: not a Deform-GAN model (method {card.get('method')!r})")
+        tensors, card, path = load_model(model, method="deformgan")
         transform = transform_net(tuple(card["architecture"]["transform"]["channels"]))
         transform.load_state_dict(prefixed(tensors, "transform"))
         dev = pick_device(device)

@@ -129,9 +129,7 @@ class LoadedSymmetric:
     @classmethod
     def load(cls, model="symmetric_hippocampus", device: str = "auto") -> LoadedSymmetric:
         """From a shipped model name or a `.safetensors` path (its `.json` card beside it)."""
-        tensors, card, path = load_model(model)
-        if card.get("method") != "symmetric":
-            raise ValueError(f"{path}: not a symmetric-registration model (method {card.get('method')!r})")
+        tensors, card, path = load_model(model, method="symmetric")
         net = build_network(card)
         net.load_state_dict(prefixed(tensors, "network"))
         dev = pick_device(device)
