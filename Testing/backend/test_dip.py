@@ -116,3 +116,17 @@ def test_unet_starts_near_zero_and_keeps_odd_sizes():
     with torch.no_grad():
         out = net(0.1 * torch.randn(1, 8, 13, 22, 9))
     assert out.shape == (1, 3, 13, 22, 9) and float(out.abs().max()) < 1e-2
+
+
+def test_plateau_stops_on_a_flat_loss_and_never_on_a_falling_one():
+    """A level stops `patience` steps after its moving-average loss stops improving, not before.
+
+    (It once compared against an initial best of inf, `inf - min_delta * inf` is nan, so every level
+    stopped at exactly 2 x patience steps while its loss was still falling.)"""
+    falling = dip.Plateau(patience=10, min_delta=1e-3)
+    assert not any(falling.reached(1.0 - 0.01 * step) for step in range(90))
+    flat = dip.Plateau(patience=10, min_delta=1e-3)
+    stops = [flat.reached(1.0 + 1e-5 * (-1) ** step) for step in range(40)]
+    assert stops.index(True) == 20  # 10 warm-up steps, the first check sets the best, then 10 without improvement
+    rising = dip.Plateau(patience=10, min_delta=0.0)
+    assert not any(rising.reached(1.0 + 0.01 * step) for step in range(10))  # the warm-up never stops, however it goes

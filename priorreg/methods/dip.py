@@ -60,6 +60,32 @@ def _is_oom(error: BaseException) -> bool:
     return (oom is not None and isinstance(error, oom)) or "out of memory" in str(error).lower()
 
 
+class Plateau:
+    """Early stopping on a noisy loss (a fresh z every step): true once the loss's moving average has
+    not improved on its best by a relative `min_delta` for `patience` steps in a row.
+
+    The first `patience` steps are a warm-up that never stops the level: the loss can first rise
+    while the network leaves its near-zero start.
+    """
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.steps, self.since_best = 0, 0
+        self.best: float | None = None
+        self.ema: float | None = None
+
+    def reached(self, loss: float) -> bool:
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        self.steps += 1
+        if self.steps <= self.patience:
+            return False
+        if self.best is None or self.ema < self.best - self.min_delta * abs(self.best):
+            self.best, self.since_best = self.ema, 0
+            return False
+        self.since_best += 1
+        return self.since_best >= self.patience
+
+
 def register_dip(
     fixed: Volume,
     moving: Volume,
@@ -108,8 +134,8 @@ def register_dip(
         images = pair.level(grid, factor)
         net = UNet3D(NOISE_CHANNELS, 3, channels).to(dev)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
-        best, since_best, ema = float("inf"), 0, None
-        for step in range(n):
+        plateau = Plateau(patience, min_delta)
+        for _ in range(n):
             z = NOISE_STD * torch.randn(1, NOISE_CHANNELS, *grid.shape, device=dev)
             opt.zero_grad()
             loss = loss_of(base + output_scale_mm * net(z), grid, images)
@@ -117,17 +143,9 @@ def register_dip(
             opt.step()
             value = loss.item()
             monitor.tick(f"dip 1/{factor:g}", value)
-            # The loss is noisy (fresh z every step): the plateau test uses its moving average.
-            ema = value if ema is None else 0.9 * ema + 0.1 * value
             if budget_end is not None and monitor.elapsed >= budget_end:  # the user's budget binds in the warm-up too
                 break
-            if step < patience:  # warm-up: the loss first rises while the net leaves its near-zero start
-                continue
-            if ema < best - min_delta * abs(best):
-                best, since_best = ema, 0
-            else:
-                since_best += 1
-            if since_best >= patience:
+            if plateau.reached(value):
                 break
         # The field: the network's output averaged over a few fresh noise draws (it hardly depends on z).
         with torch.no_grad():
