@@ -111,6 +111,38 @@ def markdown(task: str, reports: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(out: Path, task: str, reports: dict[str, dict]) -> dict[str, dict]:
+    """The suite's previous reports with this run's methods replaced (or added at the end).
+
+    `--merge` lets a new method or peer join a suite without rerunning hours of the others; a
+    merged report must be on the same pairs. Reports from before runs were stamped take their
+    stamp from the previous table's two header lines.
+    """
+    path = out / f"{task}.json"
+    if not path.exists():
+        return reports
+    previous = json.loads(path.read_text())
+    lines = (out / f"{task}.md").read_text().splitlines() if (out / f"{task}.md").exists() else ["", ""]
+    legacy = {"run": lines[0], "command": lines[1].removeprefix("Command: `").removesuffix("`")}
+    ids = {tuple(p["id"] for p in r["pairs"]) for r in [*previous.values(), *reports.values()] if "pairs" in r}
+    if len(ids) > 1:
+        raise ValueError(f"--merge: {path} was measured on other pairs than this run; rerun the suite without --merge")
+    combined = {name: {"run": legacy, **r} for name, r in previous.items()}
+    combined.update(reports)
+    return combined
+
+
+def runs_header(reports: dict[str, dict]) -> str:
+    """Each run that produced the table (date, machine, versions, command), with its methods when there are several."""
+    runs: dict[str, tuple[dict, list[str]]] = {}
+    for name, r in reports.items():
+        runs.setdefault(r["run"]["command"], (r["run"], []))[1].append(name)
+    lines = []
+    for stamp, names in runs.values():
+        lines += [stamp["run"], f"Command: `{stamp['command']}`" + (f" ({', '.join(names)})" if len(runs) > 1 else "")]
+    return "\n".join(lines) + "\n\n"
+
+
 def plot(task: str, reports: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -149,6 +181,7 @@ def main(argv=None) -> int:
     r.add_argument("--peers", nargs="*", default=sorted(PEERS), choices=sorted(PEERS))
     r.add_argument("--pairs", type=int, help="pairs per task (default: the suite's)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--merge", action="store_true", help="add to DIR/<task>.json, replacing only the methods run now (the table names each run)")
     g = sub.add_parser("regularizers", help="seed 000's Table 1: train (or reuse) four networks, score them on test patients")
     g.add_argument("--data-root")
     g.add_argument("--simulations", required=True, help="folder of simulated fields (priorreg simulate --out DIR)")
@@ -220,17 +253,21 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = (
-        f"Run {time.strftime('%Y-%m-%d')} on {platform.machine()} ({os.cpu_count()} cores, {THREADS} threads), "
-        f"{', '.join(f'{k} {v}' for k, v in versions().items())}.\n"
-        f"Command: `python -m bench {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-    )
+    stamp = {
+        "run": f"Run {time.strftime('%Y-%m-%d')} on {platform.machine()} ({os.cpu_count()} cores, {THREADS} threads), "
+        f"{', '.join(f'{k} {v}' for k, v in versions().items())}.",
+        "command": f"python -m bench {shlex.join(sys.argv[1:] if argv is None else argv)}",
+    }
     for task in args.tasks:
         suite = ACCURACY[task]
         reports = run_task(task, args.methods, args.peers, args.data_root, args.pairs or suite["pairs"], suite["split"], args.seed)
+        for report in reports.values():
+            report["run"] = stamp
+        if args.merge:
+            reports = merged(out, task, reports)
         (out / f"{task}.json").write_text(json.dumps(reports, indent=1, default=float) + "\n")
         plot(task, reports, out / f"{task}.png")
-        (out / f"{task}.md").write_text(header + markdown(task, reports))
+        (out / f"{task}.md").write_text(runs_header(reports) + markdown(task, reports))
     # Every suite's latest table, whichever run made it: a suite can be rerun alone.
     tables = [(out / f"{task}.md").read_text() for task in ACCURACY if (out / f"{task}.md").exists()]
     (out / "results.md").write_text("\n".join(tables))

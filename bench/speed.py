@@ -1,7 +1,10 @@
 """`python -m bench speed --data-root PATH --out DIR`: seconds per registration and peak memory vs volume size.
 
 Each (method, size) runs in its own fresh process (so its peak RSS is its own): one
-warm-up, then `repeats` timed registrations; the figure is the median. Sizes are a real
+warm-up, then `repeats` timed registrations; the figure is the median. A warm-up longer
+than `SLOW_SECONDS` is the only timing (loading a model or warming the allocator is a
+rounding error there, and five more runs of a 10-minute registration are not affordable);
+the table's `runs` column says how many timings each figure is the median of. Sizes are a real
 MR-US pair (obs000) as stored ("mrus": TRUS 47x63x44, MR 69x69x64) and the same pair
 resampled over the same fields of view onto N^3 or KxJxI grids, so the content is real
 and only the voxel count changes. Every figure is also given as a ratio to the fastest
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+SLOW_SECONDS = 60.0
 SIZES = {"mrus": None, "64": (64, 64, 64), "128": (128, 128, 128), "160x192x224": (160, 192, 224)}
 
 
@@ -69,12 +73,15 @@ def _measure(method, size, root, repeats, device, options, queue) -> None:
         def run():
             register(fixed, moving, method=method, **({"device": device, **options} if method != "identity" else {}))
 
+    start = time.perf_counter()
     run()  # warm-up: model loading, allocator, JIT-free first calls
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+    times = [time.perf_counter() - start]
+    if times[0] <= SLOW_SECONDS:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put({"seconds": statistics.median(times), "times": times, "peak_rss_mb": rss, "gpu_max_allocated_mb": gpu})
@@ -124,21 +131,22 @@ def _write(results: dict, out: Path, methods, sizes, repeats, device) -> str:
     gpu = device != "cpu"
     (out / f"{_stem(device)}.json").write_text(json.dumps({"device": device, "threads": THREADS, "versions": versions(), "results": results}, indent=1) + "\n")
     lines = [
-        f"Run {time.strftime('%Y-%m-%d')}, device {device}, {THREADS} CPU threads, median of {repeats} after one warm-up.",
+        f"Run {time.strftime('%Y-%m-%d')}, device {device}, {THREADS} CPU threads, median of {repeats} after one warm-up "
+        f"(`runs`: 1 where the warm-up took over {SLOW_SECONDS:g} s and was the only timing).",
         f"Command: `python -m bench speed --methods {' '.join(methods)} --sizes {' '.join(sizes)} --repeats {repeats} --device {device}`",
         "",
-        "| size | method | seconds | vs fastest | peak RSS MB |" + (" max GPU allocated MB |" if gpu else ""),
-        "|---|---|---|---|---|" + ("---|" if gpu else ""),
+        "| size | method | seconds | runs | vs fastest | peak RSS MB |" + (" max GPU allocated MB |" if gpu else ""),
+        "|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for size, by_method in results.items():
         timed = [r["seconds"] for r in by_method.values() if "seconds" in r]
         fastest = min(timed) if timed else 1.0
         for method, r in by_method.items():
             if "seconds" in r:
-                row = f"| {size} | {method} | {r['seconds']:.3g} | {r['seconds'] / fastest:.1f}x | {r['peak_rss_mb']:.0f} |"
+                row = f"| {size} | {method} | {r['seconds']:.3g} | {len(r['times'])} | {r['seconds'] / fastest:.1f}x | {r['peak_rss_mb']:.0f} |"
                 lines.append(row + (f" {r['gpu_max_allocated_mb']:.0f} |" if gpu else ""))
             else:
-                lines.append(f"| {size} | {method} | {r.get('missing') or r.get('error')} | | |" + (" |" if gpu else ""))
+                lines.append(f"| {size} | {method} | {r.get('missing') or r.get('error')} | | | |" + (" |" if gpu else ""))
     text = "\n".join(lines) + "\n"
     (out / f"{_stem(device)}.md").write_text(text)
     return text

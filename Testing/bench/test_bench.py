@@ -24,6 +24,19 @@ def test_accuracy_suite_on_one_pair(tmp_path, shared_data):
     else:  # reported, never silently dropped
         assert "missing" in reports["ants_syn"] and "| ants_syn | missing" in table
 
+    # --merge: a method joins the suite without rerunning the others; the table names both runs.
+    assert main(["run", "--tasks", "hippocampus", "--pairs", "1", "--methods", "centres", "--peers", "affine", "--merge",
+                 "--data-root", str(shared_data), "--out", str(out)]) == 0  # fmt: skip
+    merged = json.loads((out / "hippocampus.json").read_text())
+    assert list(merged) == ["identity", "centres", "ants_syn", "affine"]
+    assert merged["identity"] == reports["identity"] and "--merge" in merged["centres"]["run"]["command"]
+    assert 0 < merged["affine"]["summary"]["dice_mean"] <= 1
+    header = (out / "hippocampus.md").read_text()
+    assert "--peers ants_syn --data-root" in header and "(identity, ants_syn)" in header and "(centres, affine)" in header
+    with pytest.raises(ValueError, match="other pairs"):
+        main(["run", "--tasks", "hippocampus", "--pairs", "2", "--methods", "identity", "--peers", "--merge",
+              "--data-root", str(shared_data), "--out", str(out)])  # fmt: skip
+
 
 def test_the_readme_shows_the_committed_results(repo_root, tmp_path):
     """`python -m bench readme` has been run: the README's block is bench/results/results.md, verbatim."""
@@ -122,3 +135,36 @@ def test_oasis_suite_scores_atlas_to_subject_brains(tmp_path, shared_data):
     assert s["n_pairs"] == 1 and 0.3 < s["dice_mean"] < 0.8  # affinely pre-aligned brains: overlap without registration
     assert s["detj_mean"] == pytest.approx(1.0) and s["detj_std"] == 0 and 0 < s["ssim"] < 1
     assert "| identity | 1 |" in (out / "results.md").read_text()
+
+
+def test_affine_peer_recovers_a_known_affine_on_an_oblique_anisotropic_volume(shared_data):
+    """The `affine` peer's field is PriorReg's convention (fixed point -> moving point, LPS mm): a known
+    12-parameter transform of a real MR, on an oblique grid with 1 x 1.4 x 2.2 mm voxels, comes back
+    within a millimetre."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from bench.peers import PEERS
+    from priorreg import Volume
+    from priorreg.data import mrus_pairs
+
+    mr = mrus_pairs(shared_data)[0].load().moving
+    angle = np.deg2rad(20)
+    direction = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    fixed = Volume(mr.array.astype(np.float32), (1.0, 1.4, 2.2), (-30.0, 12.0, 5.0), direction)
+    image = fixed.to_sitk()
+    truth = sitk.AffineTransform(3)
+    truth.SetCenter(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    rotation = sitk.VersorTransform((0.3, 0.5, 0.8), np.deg2rad(8)).GetMatrix()
+    truth.SetMatrix((np.array(rotation).reshape(3, 3) @ np.diag([1.06, 0.95, 1.0])).ravel().tolist())
+    truth.SetTranslation((4.0, -3.0, 2.0))
+    moving = Volume.from_sitk(sitk.Resample(image, image, truth.GetInverse(), sitk.sitkLinear, 0.0))  # m(T(x)) = f(x)
+
+    field = PEERS["affine"][1](fixed, moving)
+    expected = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(
+        truth, sitk.sitkVectorFloat64, image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection()))
+    expected = np.moveaxis(expected, -1, 0)  # [c, k, j, i] as Volume keeps vectors
+    inside = fixed.array > np.percentile(fixed.array, 50)  # where the MR has content
+    error = np.linalg.norm(field.array - expected, axis=0)[inside]
+    assert np.linalg.norm(expected, axis=0)[inside].mean() > 4.0  # the task is not trivial
+    assert np.median(error) < 1.0 and np.percentile(error, 95) < 2.0
