@@ -214,6 +214,7 @@ def main(argv=None) -> int:
     sp.add_argument("--sizes", nargs="+", default=["mrus", "64", "128"], choices=["mrus", "64", "128", "160x192x224"])
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    sp.add_argument("--merge", action="store_true", help="keep the previous measurements of this device, except those measured now")
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
     if args.command == "readme":
@@ -244,7 +245,8 @@ def main(argv=None) -> int:
         from .speed import run as run_speed
 
         options = {name: OPTIONS["mrus_prostate"][name] for name in args.methods if name in OPTIONS["mrus_prostate"]}
-        print(run_speed(args.data_root, args.methods, args.sizes, Path(args.out), args.repeats, args.device, options))
+        command = f"python -m bench {shlex.join(sys.argv[1:] if argv is None else argv)}"
+        print(run_speed(args.data_root, args.methods, args.sizes, Path(args.out), args.repeats, args.device, options, args.merge, command))
         return 0
     if args.command == "regularizers":
         from .regularizers import run as run_regularizers

@@ -98,21 +98,31 @@ def measure(method, size_name, root, repeats=5, device="cpu", options=None) -> d
     return queue.get()
 
 
-def run(root, methods, sizes, out: Path, repeats=5, device="cpu", options=None) -> str:
-    """Measure every (size, method); the tables are rewritten after each, so a cut-short run keeps what it measured."""
-    from .peers import PEERS, available
+def run(root, methods, sizes, out: Path, repeats=5, device="cpu", options=None, merge=False, command="") -> str:
+    """Measure every (size, method); the tables are rewritten after each, so a cut-short run keeps what it measured.
 
-    results: dict[str, dict] = {}
+    With `merge`, the device's previous measurements stay, except those of the (size, method)s measured
+    now: slow cells (a brain registered by DIP on 2 threads) can come from their own, smaller command.
+    Each row names the run it comes from, and its ratio is to the fastest peer of that run at that size.
+    """
+    from priorreg.evaluate import versions
+
+    from .peers import PEERS, THREADS, missing
+
+    path = out / f"{_stem(device)}.json"
+    previous = json.loads(path.read_text()) if merge and path.exists() else {"runs": [], "results": {}}
+    runs = previous["runs"] if "runs" in previous else [{"date": "", "command": "(a run before runs were recorded)"}]
+    runs = [*runs, {"date": time.strftime("%Y-%m-%d"), "command": command, "repeats": repeats, "threads": THREADS, "versions": versions()}]
+    this = len(runs) - 1
+    results = {size: {m: {"run": 0, **r} for m, r in by.items()} for size, by in previous["results"].items()}
     text = ""
     for size in sizes:
-        results[size] = {}
         for method in methods:
-            if method in PEERS and not available(method):
-                results[size][method] = {"missing": f"peer {method!r} is not installed (pip install .[bench])"}
-                continue
-            results[size][method] = measure(method, size, root, repeats, device, (options or {}).get(method))
-            print(f"{size} {method}: {results[size][method]}", file=sys.stderr)
-            text = _write(results, out, methods, sizes, repeats, device)
+            why = missing(method) if method in PEERS else None
+            r = {"missing": why} if why else measure(method, size, root, repeats, device, (options or {}).get(method))
+            results.setdefault(size, {})[method] = {**r, "run": this}
+            print(f"{size} {method}: {r}", file=sys.stderr)
+            text = _write(results, runs, out, device)
     _plot(results, out / f"{_stem(device)}.png")
     return text
 
@@ -121,32 +131,37 @@ def _stem(device: str) -> str:
     return "speed" if device == "cpu" else f"speed_{device}"  # a GPU run sits beside the CPU one
 
 
-def _write(results: dict, out: Path, methods, sizes, repeats, device) -> str:
+def _write(results: dict, runs: list[dict], out: Path, device) -> str:
     """`speed[_DEVICE].json` and `.md` of what is measured so far; returns the Markdown."""
-    from priorreg.evaluate import versions
-
-    from .peers import THREADS
+    from .peers import PEERS
 
     out.mkdir(parents=True, exist_ok=True)
     gpu = device != "cpu"
-    (out / f"{_stem(device)}.json").write_text(json.dumps({"device": device, "threads": THREADS, "versions": versions(), "results": results}, indent=1) + "\n")
-    lines = [
-        f"Run {time.strftime('%Y-%m-%d')}, device {device}, {THREADS} CPU threads, median of {repeats} after one warm-up "
-        f"(`runs`: 1 where the warm-up took over {SLOW_SECONDS:g} s and was the only timing).",
-        f"Command: `python -m bench speed --methods {' '.join(methods)} --sizes {' '.join(sizes)} --repeats {repeats} --device {device}`",
+    order = list(SIZES)
+    results = dict(sorted(results.items(), key=lambda kv: order.index(kv[0])))
+    (out / f"{_stem(device)}.json").write_text(json.dumps({"device": device, "runs": runs, "results": results}, indent=1) + "\n")
+    lines = [f"Device {device}. Each figure is the median of the run's repeats after one warm-up (`runs`: 1 where the "
+             f"warm-up took over {SLOW_SECONDS:g} s and was the only timing); `vs fastest peer`: the ratio to the fastest "
+             f"peer ({', '.join(PEERS)}) measured at that size in the same run.", ""]
+    for i, stamp in enumerate(runs):
+        if any(r.get("run") == i for by in results.values() for r in by.values()):
+            threads = f", {stamp['threads']} CPU threads" if "threads" in stamp else ""
+            note = f" ({stamp['note']})" if stamp.get("note") else ""
+            lines.append(f"- run {i}: {stamp['date'] or 'undated'}{threads}, `{stamp['command']}`{note}")
+    lines += [
         "",
-        "| size | method | seconds | runs | vs fastest | peak RSS MB |" + (" max GPU allocated MB |" if gpu else ""),
-        "|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+        "| size | method | seconds | runs | vs fastest peer | peak RSS MB |" + (" max GPU allocated MB |" if gpu else "") + " run |",
+        "|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|",
     ]
     for size, by_method in results.items():
-        timed = [r["seconds"] for r in by_method.values() if "seconds" in r]
-        fastest = min(timed) if timed else 1.0
         for method, r in by_method.items():
+            peers = [p["seconds"] for m, p in by_method.items() if m in PEERS and p.get("run") == r["run"] and "seconds" in p]
             if "seconds" in r:
-                row = f"| {size} | {method} | {r['seconds']:.3g} | {len(r['times'])} | {r['seconds'] / fastest:.1f}x | {r['peak_rss_mb']:.0f} |"
-                lines.append(row + (f" {r['gpu_max_allocated_mb']:.0f} |" if gpu else ""))
+                ratio = f"{r['seconds'] / min(peers):.2g}x" if peers else ""
+                row = f"| {size} | {method} | {r['seconds']:.3g} | {len(r['times'])} | {ratio} | {r['peak_rss_mb']:.0f} |"
+                lines.append(row + (f" {r['gpu_max_allocated_mb']:.0f} |" if gpu else "") + f" {r['run']} |")
             else:
-                lines.append(f"| {size} | {method} | {r.get('missing') or r.get('error')} | | | |" + (" |" if gpu else ""))
+                lines.append(f"| {size} | {method} | {r.get('missing') or r.get('error')} | | | |" + (" |" if gpu else "") + f" {r['run']} |")
     text = "\n".join(lines) + "\n"
     (out / f"{_stem(device)}.md").write_text(text)
     return text

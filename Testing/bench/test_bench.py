@@ -82,16 +82,29 @@ def test_regularizer_table_trains_reuses_and_scores_on_held_out_patients(tmp_pat
 
 def test_speed_suite_times_each_method_in_its_own_process(tmp_path, shared_data):
     out = tmp_path / "speed"
-    assert main(["speed", "--methods", "identity", "centres", "--sizes", "mrus", "64", "--repeats", "2",
+    assert main(["speed", "--methods", "identity", "centres", "affine", "--sizes", "mrus", "64", "--repeats", "2",
                  "--data-root", str(shared_data), "--out", str(out)]) == 0  # fmt: skip
-    report = json.loads((out / "speed.json").read_text())["results"]
+    report = json.loads((out / "speed.json").read_text())
     for size in ("mrus", "64"):
-        for method in ("identity", "centres"):
-            r = report[size][method]
+        for method in ("identity", "centres", "affine"):
+            r = report["results"][size][method]
             assert len(r["times"]) == 2 and r["seconds"] == pytest.approx(sorted(r["times"])[0] / 2 + sorted(r["times"])[1] / 2)
-            assert r["peak_rss_mb"] > 50  # a real process that imported torch
+            assert r["peak_rss_mb"] > 50 and r["run"] == 0  # a real process that imported torch
+    affine = report["results"]["64"]["affine"]["seconds"]
     table = (out / "speed.md").read_text()
-    assert "| 64 | centres |" in table and (out / "speed.png").stat().st_size > 1000
+    assert "| 64 | affine |" in table and " 1x |" in table and (out / "speed.png").stat().st_size > 1000
+    centres = report["results"]["64"]["centres"]["seconds"]
+    assert f"| 64 | centres | {centres:.3g} | 2 | {centres / affine:.2g}x |" in table  # the ratio to the fastest peer
+
+    # --merge: one cell remeasured by its own command, the others kept, each row naming its run.
+    assert main(["speed", "--methods", "identity", "--sizes", "64", "--repeats", "1", "--merge",
+                 "--data-root", str(shared_data), "--out", str(out)]) == 0  # fmt: skip
+    merged = json.loads((out / "speed.json").read_text())
+    assert [run["command"].split("--methods ")[1].split(" --")[0] for run in merged["runs"]] == ["identity centres affine", "identity"]
+    assert merged["results"]["64"]["identity"]["run"] == 1 and len(merged["results"]["64"]["identity"]["times"]) == 1
+    assert merged["results"]["mrus"] == report["results"]["mrus"] and merged["results"]["64"]["affine"]["seconds"] == affine
+    table = (out / "speed.md").read_text()
+    assert "- run 0:" in table and "- run 1:" in table and "| 64 | identity |" in table
 
 
 def test_a_trained_method_without_a_shipped_model_is_listed_with_the_reason(tmp_path, shared_data):
