@@ -7,6 +7,7 @@ asking), so the panel appears in a Slicer without it.
 """
 
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import qt
@@ -66,6 +67,8 @@ class AdversarialRegistrationParameterNode:
     model: str = DEFAULT_MODEL  # set from the model combo box, whose items are found at run time
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     finetuneSteps: Annotated[int, WithinRange(0, 5000)] = 0
+    trainIterations: Annotated[int, WithinRange(1, 100000)] = 2000
+    trainRegularizer: Annotated[str, Choice(["bending", "adversarial", "l2", "none"])] = "bending"
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
@@ -93,6 +96,7 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.modelFileButton.connect("clicked(bool)", self.onModelFileButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.opacitySlider.connect("valueChanged(double)", lambda value: set_foreground_opacity(slicer.mrmlScene, value))
         self.ui.cancelButton.visible = False
 
@@ -184,7 +188,7 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         self._cancelRequested = False
         self.ui.applyButton.visible = not running
         self.ui.cancelButton.visible = running
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton):
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.trainCollapsibleButton):
             widget.enabled = not running
         self.ui.progressBar.value = 0
         self.updateApplyButton()
@@ -199,6 +203,13 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         loss = "" if progress.loss != progress.loss else f", loss {progress.loss:.4f}"  # NaN: no loss at this stage
         self.setStatus(f"{progress.stage}: step {progress.step} of {progress.total}{loss}")
         slicer.app.processEvents()  # keeps Slicer responsive and lets Cancel be clicked
+
+    def onTrainProgress(self, row: dict, total: int) -> None:
+        self.ui.progressBar.maximum = total
+        self.ui.progressBar.value = row["iteration"]
+        val = f", validation Dice {row['val_dice']:.3f}" if isinstance(row.get("val_dice"), float) else ""
+        self.setStatus(f"Training: iteration {row['iteration']} of {total}, label loss {row.get('label', float('nan')):.4f}{val}")
+        slicer.app.processEvents()
 
     def onCancelButton(self) -> None:
         self._cancelRequested = True
@@ -229,6 +240,39 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
             self.setStatus("Cancelled; the scene is as it was.")
         except Exception as error:  # shown in the panel; the traceback goes to the log
             logging.exception("AdversarialRegistration failed")
+            self.setStatus(f"Error: {error}", error=True)
+        finally:
+            if self._running:
+                self.setRunning(False)
+
+
+    def onTrainButton(self) -> None:
+        if self._running:
+            return
+        folder, out = self.ui.trainFolderPathLineEdit.currentPath, self.ui.trainOutputPathLineEdit.currentPath
+        if not folder or not out:
+            self.setStatus("Choose the folder of pairs and an output folder to train into.", error=True)
+            return
+        try:
+            if not ensure_dependencies(slicer.util.confirmOkCancelDisplay):
+                self.setStatus("PriorReg needs PyTorch to train; nothing was changed.", error=True)
+                return
+            self.setRunning(True)
+            self.setStatus("Reading the pairs...")
+            slicer.app.processEvents()
+            p = self._parameterNode
+            model = self.logic.train(
+                folder, out, iterations=p.trainIterations, regularizer=p.trainRegularizer, device=p.device,
+                simulations=self.ui.trainSimulationsPathLineEdit.currentPath or None,
+                progress=self.onTrainProgress, cancel=lambda: self._cancelRequested,
+            )
+            self.ui.modelComboBox.addItem(str(model))
+            self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.count - 1
+            self.setStatus(f"Trained {model.name}; it is now the selected model.")
+        except Cancelled as cancelled:
+            self.setStatus(f"{cancelled}.")
+        except Exception as error:  # shown in the panel; the traceback goes to the log
+            logging.exception("AdversarialRegistration training failed")
             self.setStatus(f"Error: {error}", error=True)
         finally:
             if self._running:
@@ -269,6 +313,25 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
         )
 
 
+    def train(
+        self, folder, out, iterations=2000, regularizer="bending", simulations=None, device="auto", progress=None, cancel=None,
+    ) -> Path:
+        """Train a registration network on a folder of your own pairs; returns the model file (`out/<out's name>.safetensors`).
+
+        The layout (one subfolder per pair: fixed, moving, fixed_labels, moving_labels) is
+        `priorreg.data.folder_pairs`'; the recipe is seed 000's label-driven training
+        (`priorreg.train.folder_config`). `progress(row, total)` gets each logged iteration.
+        `cancel()` is asked every iteration: training stops, what was trained stays in `out`
+        and the same call resumes it. Raises `ValueError` on a folder that cannot be trained
+        from. The scene is not touched: pass the file as `model` to `register`.
+        """
+        from priorreg.train import folder_config, train
+
+        out = Path(out)
+        train(folder_config(folder, out.name, iterations, regularizer, simulations, device), out, progress, cancel)
+        return out / f"{out.name}.safetensors"
+
+
 class AdversarialRegistrationTest(ScriptedLoadableModuleTest):
     """The MRML tier's flows (Testing/mrml/test_modules.py) on Slicer's own scene and application."""
 
@@ -276,7 +339,10 @@ class AdversarialRegistrationTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_register_outputs, self.test_bad_inputs_change_nothing, self.test_cancel_leaves_scene_as_it_was):
+        for test in (
+            self.test_register_outputs, self.test_bad_inputs_change_nothing, self.test_cancel_leaves_scene_as_it_was,
+            self.test_train_on_a_folder_cancel_resume_and_register,
+        ):
             self.setUp()
             test()
 
@@ -335,3 +401,28 @@ class AdversarialRegistrationTest(ScriptedLoadableModuleTest):
                 moving_segmentation=pair.moving_segmentation, finetune_steps=3, cancel=lambda: True,
             )
         self.assertEqual(self.nodeIDs(), before)
+
+    def test_train_on_a_folder_cancel_resume_and_register(self):
+        """A user's folder of MR-US pairs: training cancels into a checkpoint, resumes, and the model registers."""
+        import tempfile
+
+        from priorreg.data import mrus_pairs
+
+        pair = self.samplePair()
+        with tempfile.TemporaryDirectory() as tmp:
+            for source in mrus_pairs()[:3]:
+                folder = Path(tmp, "pairs", source.id)
+                folder.mkdir(parents=True)
+                for role in ("fixed", "moving", "fixed_labels", "moving_labels"):
+                    Path(folder, f"{role}.nii.gz").write_bytes(getattr(source, role).read_bytes())
+            logic, out, seen = AdversarialRegistrationLogic(), Path(tmp, "my_model"), []
+            with self.assertRaisesRegex(Cancelled, "resumes it"):
+                logic.train(Path(tmp, "pairs"), out, iterations=3, device="cpu", progress=lambda row, total: seen.append(row),
+                            cancel=lambda: len(seen) >= 1)  # fmt: skip
+            self.assertFalse(Path(out, "my_model.safetensors").exists())
+            model = logic.train(Path(tmp, "pairs"), out, iterations=3, device="cpu")
+            self.assertTrue(model.exists())
+            before = len(self.nodeIDs())
+            outputs = logic.register(pair.fixed, pair.moving, model=str(model), device="cpu")
+            self.assertTrue(outputs.transform.IsA("vtkMRMLGridTransformNode"))
+            self.assertGreater(len(self.nodeIDs()), before)

@@ -218,7 +218,7 @@ def hippocampus_pairs(
     so every subject is used twice and the list is the same everywhere. With `n`, a seeded
     sample of `n` distinct ordered pairs of different subjects.
     """
-    folder = _folder(root, "hippocampus")
+    _folder(root, "hippocampus")  # a clear error where the data set is missing
     ids = sorted(subjects) if subjects is not None else hippocampus_subjects(root)
     if len(ids) < 2:
         raise ValueError(f"need at least 2 subjects to form inter-subject pairs, got {len(ids)}")
@@ -254,6 +254,43 @@ def oasis_pairs(root: str | os.PathLike | None = None, atlas: str = "atlasA") ->
         if subject != atlas:
             image = _require(folder / f"{subject}_norm.nii.gz")
             pairs.append(Pair(f"{atlas}_to_{subject}", image, atlas_image, labels, atlas_labels, group=subject))
+    return pairs
+
+
+FOLDER_ROLES = ("fixed", "moving", "fixed_labels", "moving_labels")
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def folder_pairs(folder: str | os.PathLike) -> list[Pair]:
+    """A user's own training pairs: one subfolder per pair, sorted by name.
+
+    Each subfolder holds `fixed.<ext>` and `moving.<ext>` and, for label-driven training,
+    `fixed_labels.<ext>` and `moving_labels.<ext>` (integer maps, structures paired by value, or
+    4D channels), in any format ITK reads (.nii.gz, .nii, .nrrd, .mha, ...). The subfolder's name
+    is the pair's id and its group: pairs of one patient must share a subfolder name prefix up to
+    a double underscore (`patient7__visit1`, `patient7__visit2`) to stay in one split.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder of pairs (one subfolder per pair with fixed.* and moving.*)")
+    pairs = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = {}
+        for role in FOLDER_ROLES:
+            found = [f for f in sub.iterdir() if f.name.lower() in {role + s for s in _IMAGE_SUFFIXES}]
+            if len(found) > 1:
+                raise ValueError(f"{sub}: {len(found)} files for {role} ({', '.join(f.name for f in found)}); keep one")
+            files[role] = found[0] if found else None
+        if files["fixed"] is None and files["moving"] is None:
+            continue  # not a pair folder
+        missing = [r for r in FOLDER_ROLES[:2] if files[r] is None]
+        if missing:
+            raise ValueError(f"{sub}: no {' or '.join(missing)} image (fixed.*, moving.*: {', '.join(_IMAGE_SUFFIXES)})")
+        if (files["fixed_labels"] is None) != (files["moving_labels"] is None):
+            raise ValueError(f"{sub}: labels for one image only; give fixed_labels.* and moving_labels.*, or neither")
+        pairs.append(Pair(sub.name, files["fixed"], files["moving"], files["fixed_labels"], files["moving_labels"], group=sub.name.split("__")[0]))
+    if not pairs:
+        raise ValueError(f"{folder}: no pair subfolders (each needs fixed.* and moving.*, e.g. {folder}/case01/fixed.nii.gz)")
     return pairs
 
 

@@ -40,7 +40,9 @@ from .evaluate import pair_metrics, summarise
 from .methods import adversarial as adv
 from .methods.common import pick_device
 from .models import load_checkpoint, save_checkpoint, save_model
+from .registration import Cancelled
 from .spatial import Grid, field_tensor, read_field, sample
+from .volume import Volume
 
 DEFAULTS: dict = {
     "name": "adversarial_mrus",
@@ -48,8 +50,8 @@ DEFAULTS: dict = {
     "seed": 0,
     "device": "auto",
     "data": {
-        "root": None,  # shared data folder; default $PRIORREG_DATA or ../shared/data
-        "task": "mrus_prostate",
+        "root": None,  # shared data folder (default $PRIORREG_DATA or ../shared/data), or the user's folder of pairs
+        "task": "mrus_prostate",  # or "folder": your own pairs in `root` (priorreg.data.folder_pairs says the layout)
         "val_fraction": 0.1,
         "test_fraction": 0.2,
         "split_seed": 0,
@@ -57,7 +59,7 @@ DEFAULTS: dict = {
         "init": "centres",
         "limit": None,  # use only the first N training pairs (tests)
     },
-    "frame": {"shape": [24, 32, 24], "spacing": 3.0, "margin": 8},
+    "frame": {"shape": [24, 32, 24], "spacing": 3.0, "margin": 8},  # spacing "auto": the frame covers every fixed image
     "network": {"n0": 8, "depth": 3},
     "regularizer": "adversarial",  # adversarial | bending | l2 | none
     "weight": None,  # lambda_adv (default 0.01) or the smoothness weight (default 0.5)
@@ -114,9 +116,50 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> dict:
         raise ConfigError("regularizer 'adversarial' needs 'simulations': a folder of displacement fields (priorreg simulate)")
     if config["data"]["labels"] not in ("gland", "all"):
         raise ConfigError(f"data.labels must be 'gland' or 'all', got {config['data']['labels']!r}")
-    if config["data"]["task"] != "mrus_prostate":
-        raise ConfigError(f"data.task {config['data']['task']!r}: this trainer knows 'mrus_prostate'")
+    if config["data"]["task"] not in ("mrus_prostate", "folder"):
+        raise ConfigError(f"data.task {config['data']['task']!r}: this trainer knows 'mrus_prostate' and 'folder'")
+    if config["data"]["task"] == "folder" and not config["data"]["root"]:
+        raise ConfigError("data.task 'folder' needs data.root: the folder of pairs (one subfolder per pair)")
+    if config["frame"]["spacing"] == "auto":
+        config["frame"]["spacing"] = covering_spacing(training_pairs(config), config["frame"]["shape"])
     return config
+
+
+def folder_config(folder, name: str, iterations: int = 2000, regularizer: str = "bending", simulations=None, device: str = "auto") -> dict:
+    """The adversarial trainer's config for a user's folder of pairs (`data.folder_pairs`), as the Slicer module runs it.
+
+    Every label structure takes turns driving training (`labels: all`); a fifth of the patients
+    is held out for validation Dice and none for a test split (the user's own evaluation is
+    theirs); the frame keeps its shape and takes the spacing that covers the largest fixed image.
+    """
+    return load_config(
+        None, name=name, iterations=iterations, regularizer=regularizer, simulations=simulations, device=device,
+        data={"task": "folder", "root": str(folder), "labels": "all", "val_fraction": 0.2, "test_fraction": 0.0},
+        frame={"spacing": "auto"},
+    )
+
+
+def training_pairs(config: dict) -> list[data.Pair]:
+    """Every pair of the config's data set, before the split."""
+    d = config["data"]
+    try:
+        return data.folder_pairs(d["root"]) if d["task"] == "folder" else data.mrus_pairs(d["root"])
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"data: {error}") from error
+
+
+def covering_spacing(pairs: list[data.Pair], shape) -> float:
+    """The finest frame spacing (mm, rounded up to 0.1) at which a `shape` frame covers every fixed image.
+
+    The frame is centred on the fixed image and follows its axes, so it must span the largest
+    fixed field of view along each axis; a frame that crops the images trains on part of them.
+    """
+    need = 0.0
+    for pair in pairs:
+        g = Grid.of(Volume.read(pair.fixed))
+        extent = g.spacing * (np.array(g.shape[::-1]) - 1)  # (i, j, k) in mm
+        need = max(need, float(np.max(extent / (np.array(shape[::-1], dtype=np.float64) - 1))))
+    return math.ceil(need * 10) / 10
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -125,7 +168,7 @@ class TrainingSet:
 
     def __init__(self, config: dict, frame: adv.ModelFrame):
         d = config["data"]
-        splits = data.split_by_patient(data.mrus_pairs(d["root"]), d["val_fraction"], d["test_fraction"], d["split_seed"])
+        splits = data.split_by_patient(training_pairs(config), d["val_fraction"], d["test_fraction"], d["split_seed"])
         train = splits["train"][: d["limit"]] if d["limit"] else splits["train"]
         if not train:
             raise ConfigError("no training pairs: check data.root and the split fractions")
@@ -209,8 +252,8 @@ class TrainingRun:
 
     LOG_COLUMNS: ClassVar[list[str]] = []
 
-    def __init__(self, config: dict, out: str | os.PathLike, progress=None):
-        self.config, self.out, self.progress = config, Path(out), progress
+    def __init__(self, config: dict, out: str | os.PathLike, progress=None, cancel=None):
+        self.config, self.out, self.progress, self.cancel = config, Path(out), progress, cancel
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if config["batch_size"] % self.world:
@@ -268,6 +311,11 @@ class TrainingRun:
         began = time.perf_counter() - self.seconds
         last: dict = {}
         for t in range(self.start, c["iterations"]):
+            if self.cancel is not None and self.cancel():
+                if self.rank == 0 and t > self.start:  # keep what was trained: the same command resumes it
+                    meta = {"iteration": t, "seconds": last["seconds"], "config": c}
+                    save_checkpoint(self.out / "checkpoint.safetensors", self.modules, self.optims, meta)
+                raise Cancelled(f"training cancelled at iteration {t} of {c['iterations']}; {self.out} resumes it, no model was written")
             losses_t = self.mean_over_ranks(self.step(t))
             it = t + 1
             row = {"iteration": it, "seconds": round(time.perf_counter() - began, 3), **self.log_extra(t), **vars(losses_t)}
@@ -299,7 +347,7 @@ class TrainingRun:
     def training_card(self, last: dict) -> dict:
         """The card's `training` entry: data, split, config, command, final figures."""
         return {
-            "data": f"{self.config['data']['task']} (shared data; see ../shared/data/README.md)",
+            "data": self.data_description(),
             "patients": self.data.groups,
             "train_pairs": self.data.train_ids,
             "config": self.config,
@@ -309,6 +357,12 @@ class TrainingRun:
             "seconds": last.get("seconds"),
             "final_log": {k: v for k, v in last.items() if isinstance(v, (int, float))},
         }
+
+    def data_description(self) -> str:
+        d = self.config["data"]
+        if d["task"] == "folder":
+            return f"the user's pairs in {d['root']}"
+        return f"{d['task']} (shared data; see ../shared/data/README.md)"
 
     def save_model(self, last: dict) -> None:
         tensors = {f"{name}.{k}": v for name, m in self.modules.items() for k, v in m.state_dict().items()}
@@ -447,19 +501,19 @@ def _append_log(log: Path, row: dict, columns: list[str]) -> None:
         w.writerow({k: row.get(k, "") for k in columns})
 
 
-def train(config: dict, out, progress=None) -> dict:
-    """Train (or resume) to `config['iterations']`; returns the last log row."""
+def train(config: dict, out, progress=None, cancel=None) -> dict:
+    """Train (or resume) to `config['iterations']`; returns the last log row.
+
+    `cancel()` is asked before every iteration: when it returns True, the iterations done are
+    kept as the checkpoint in `out` (the same call resumes them) and `Cancelled` is raised.
+    """
     if config["method"] == "airnet":
-        from .train_airnet import AirnetTrainer
-
-        return AirnetTrainer(config, out, progress).run()
-    if config["method"] == "symmetric":
-        from .train_symmetric import SymmetricTrainer
-
-        return SymmetricTrainer(config, out, progress).run()
-    if config["method"] == "deformgan":
-        from .train_deformgan import DeformGANTrainer
-
-        return DeformGANTrainer(config, out, progress).run()
-    return Trainer(config, out, progress).run()
+        from .train_airnet import AirnetTrainer as trainer
+    elif config["method"] == "symmetric":
+        from .train_symmetric import SymmetricTrainer as trainer
+    elif config["method"] == "deformgan":
+        from .train_deformgan import DeformGANTrainer as trainer
+    else:
+        trainer = Trainer
+    return trainer(config, out, progress, cancel).run()
 

@@ -32,6 +32,7 @@ SUFFIX_CLASSES = {
     "Button": {"QPushButton", "QToolButton"},
     "Label": {"QLabel"},
     "LineEdit": {"QLineEdit"},
+    "PathLineEdit": {"ctkPathLineEdit"},
     "ProgressBar": {"QProgressBar"},
     "TableView": {"qMRMLTableView"},
 }
@@ -185,6 +186,9 @@ def qt_only(tree: ET.ElementTree) -> bytes:
         elif cls == "qMRMLNodeComboBox":
             widget.set("class", "QComboBox")
             drop = {"nodeTypes", "showChildNodeTypes", "noneEnabled", "addEnabled", "removeEnabled"}
+        elif cls == "ctkPathLineEdit":
+            widget.set("class", "QLineEdit")
+            drop = {"filters"}
         elif cls == "qMRMLTableView":
             widget.set("class", "QTableView")
         elif cls == "ctkSliderWidget":

@@ -21,6 +21,7 @@ REQUIREMENTS = {
     "SimpleITK": "SimpleITK>=2.3",
     "safetensors": "safetensors>=0.4",
     "scipy": "scipy>=1.10",
+    "yaml": "pyyaml>=6",  # training configs (AdversarialRegistration trains on a folder of pairs)
 }
 
 
