@@ -107,6 +107,19 @@ def test_speed_suite_times_each_method_in_its_own_process(tmp_path, shared_data)
     assert "- run 0:" in table and "- run 1:" in table and "| 64 | identity |" in table
 
 
+def test_peak_memory_is_the_measured_process_own_not_its_parents(shared_data):
+    """A method's process starts from the bench process (spawn = fork + exec); its peak must not include the parent's size."""
+    import numpy as np
+
+    from bench.speed import measure, peak_rss_mb
+
+    ballast = np.ones(100_000_000)  # 800 MB in this (parent) process
+    assert peak_rss_mb() > 800
+    r = measure("identity", "mrus", str(shared_data), repeats=1)
+    assert 100 < r["peak_rss_mb"] < 700, r  # torch, SimpleITK and one MR-US pair: about 0.4 GB
+    del ballast
+
+
 def test_a_trained_method_without_a_shipped_model_is_listed_with_the_reason(tmp_path, shared_data):
     out = tmp_path / "bench"
     assert main(["run", "--tasks", "brain_t1t2", "--pairs", "1", "--methods", "identity", "deformgan", "--peers",
