@@ -119,7 +119,7 @@ def run(root, methods, sizes, out: Path, repeats=5, device="cpu", options=None, 
 
     With `merge`, the device's previous measurements stay, except those of the (size, method)s measured
     now: slow cells (a brain registered by DIP on 2 threads) can come from their own, smaller command.
-    Each row names the run it comes from, and its ratio is to the fastest peer of that run at that size.
+    Each row names the run it comes from; its ratio is to the fastest peer at that size, whichever run measured it.
     """
     from priorreg.evaluate import versions
 
@@ -158,7 +158,8 @@ def _write(results: dict, runs: list[dict], out: Path, device) -> str:
     (out / f"{_stem(device)}.json").write_text(json.dumps({"device": device, "runs": runs, "results": results}, indent=1) + "\n")
     lines = [f"Device {device}. Each figure is the median of the run's repeats after one warm-up (`runs`: 1 where the "
              f"warm-up took over {SLOW_SECONDS:g} s and was the only timing); `vs fastest peer`: the ratio to the fastest "
-             f"peer ({', '.join(PEERS)}) measured at that size in the same run.", ""]
+             f"peer ({', '.join(PEERS)}) measured at that size (`run` says which run measured each row: merge only "
+             f"runs of one machine).", ""]
     for i, stamp in enumerate(runs):
         if any(r.get("run") == i for by in results.values() for r in by.values()):
             threads = f", {stamp['threads']} CPU threads" if "threads" in stamp else ""
@@ -171,7 +172,7 @@ def _write(results: dict, runs: list[dict], out: Path, device) -> str:
     ]
     for size, by_method in results.items():
         for method, r in by_method.items():
-            peers = [p["seconds"] for m, p in by_method.items() if m in PEERS and p.get("run") == r["run"] and "seconds" in p]
+            peers = [p["seconds"] for m, p in by_method.items() if m in PEERS and "seconds" in p]
             if "seconds" in r:
                 ratio = f"{r['seconds'] / min(peers):.2g}x" if peers else ""
                 row = f"| {size} | {method} | {r['seconds']:.3g} | {len(r['times'])} | {ratio} | {r['peak_rss_mb']:.0f} |"
