@@ -259,7 +259,8 @@ class TrainingRun:
         if config["batch_size"] % self.world:
             raise ConfigError(f"batch_size {config['batch_size']} must divide by the {self.world} processes")
         self.device = pick_device(config["device"])
-        if self.world > 1 and not dist.is_initialized():
+        self.owns_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -338,6 +339,8 @@ class TrainingRun:
             self.save_model(last)
         if self.world > 1:
             dist.barrier()
+        if self.owns_group:  # shut down together: a process leaving a live gloo group can abort its peer (SIGABRT)
+            dist.destroy_process_group()
         return last
 
     def log_extra(self, t: int) -> dict:
