@@ -215,68 +215,67 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         self._cancelRequested = True
         self.setStatus("Cancelling...")
 
-    def onApplyButton(self) -> None:
+    def runJob(self, what: str, job, cancelled=None) -> None:
+        """Apply's and Train's shared frame: PyTorch first (installed after asking), the panel locked with
+        Cancel shown while `job()` runs, a cancel or an error said in the panel (the traceback in the log).
+
+        `cancelled`: the status after a cancel; by default the `Cancelled` message itself.
+        """
         if self._running:
             return
         try:
             if not ensure_dependencies(slicer.util.confirmOkCancelDisplay):
-                self.setStatus("PriorReg needs PyTorch to register; nothing was changed.", error=True)
+                self.setStatus(f"PriorReg needs PyTorch to {what}; nothing was changed.", error=True)
                 return
-            self.populateModels()
-            self.setRunning(True)
-            self.setStatus("Loading the model...")
-            slicer.app.processEvents()
-            p = self._parameterNode
-            outputs = self.logic.register(
-                p.fixedVolume, p.movingVolume, model=p.model, device=p.device,
-                fixed_segmentation=p.fixedSegmentation, moving_segmentation=p.movingSegmentation,
-                finetune_steps=p.finetuneSteps, progress=self.onProgress, cancel=lambda: self._cancelRequested,
-            )
-            display_outputs(outputs, p.fixedVolume, p.opacity)
-            done = f"Done in {outputs.result.seconds:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}"
-            quality = f"\nQuality {verdict_text(outputs.quality)}" if outputs.quality else ""
-            self.setStatus(done + quality, error=bool(outputs.quality) and outputs.quality["verdict"] == "failed")
-        except Cancelled:
-            self.setStatus("Cancelled; the scene is as it was.")
+            job()
+        except Cancelled as error:
+            self.setStatus(cancelled or f"{error}.")
         except Exception as error:  # shown in the panel; the traceback goes to the log
-            logging.exception("AdversarialRegistration failed")
+            logging.exception(f"AdversarialRegistration could not {what}")
             self.setStatus(f"Error: {error}", error=True)
         finally:
             if self._running:
                 self.setRunning(False)
 
+    def onApplyButton(self) -> None:
+        self.runJob("register", self.registerPair, cancelled="Cancelled; the scene is as it was.")
+
+    def registerPair(self) -> None:
+        self.populateModels()
+        self.setRunning(True)
+        self.setStatus("Loading the model...")
+        slicer.app.processEvents()
+        p = self._parameterNode
+        outputs = self.logic.register(
+            p.fixedVolume, p.movingVolume, model=p.model, device=p.device,
+            fixed_segmentation=p.fixedSegmentation, moving_segmentation=p.movingSegmentation,
+            finetune_steps=p.finetuneSteps, progress=self.onProgress, cancel=lambda: self._cancelRequested,
+        )
+        display_outputs(outputs, p.fixedVolume, p.opacity)
+        done = f"Done in {outputs.result.seconds:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}"
+        quality = f"\nQuality {verdict_text(outputs.quality)}" if outputs.quality else ""
+        self.setStatus(done + quality, error=bool(outputs.quality) and outputs.quality["verdict"] == "failed")
 
     def onTrainButton(self) -> None:
-        if self._running:
-            return
-        folder, out = self.ui.trainFolderPathLineEdit.currentPath, self.ui.trainOutputPathLineEdit.currentPath
-        if not folder or not out:
+        if not self._running and not (self.ui.trainFolderPathLineEdit.currentPath and self.ui.trainOutputPathLineEdit.currentPath):
             self.setStatus("Choose the folder of pairs and an output folder to train into.", error=True)
             return
-        try:
-            if not ensure_dependencies(slicer.util.confirmOkCancelDisplay):
-                self.setStatus("PriorReg needs PyTorch to train; nothing was changed.", error=True)
-                return
-            self.setRunning(True)
-            self.setStatus("Reading the pairs...")
-            slicer.app.processEvents()
-            p = self._parameterNode
-            model = self.logic.train(
-                folder, out, iterations=p.trainIterations, regularizer=p.trainRegularizer, device=p.device,
-                simulations=self.ui.trainSimulationsPathLineEdit.currentPath or None,
-                progress=self.onTrainProgress, cancel=lambda: self._cancelRequested,
-            )
-            self.ui.modelComboBox.addItem(str(model))
-            self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.count - 1
-            self.setStatus(f"Trained {model.name}; it is now the selected model.")
-        except Cancelled as cancelled:
-            self.setStatus(f"{cancelled}.")
-        except Exception as error:  # shown in the panel; the traceback goes to the log
-            logging.exception("AdversarialRegistration training failed")
-            self.setStatus(f"Error: {error}", error=True)
-        finally:
-            if self._running:
-                self.setRunning(False)
+        self.runJob("train", self.trainOnFolder)
+
+    def trainOnFolder(self) -> None:
+        self.setRunning(True)
+        self.setStatus("Reading the pairs...")
+        slicer.app.processEvents()
+        p = self._parameterNode
+        model = self.logic.train(
+            self.ui.trainFolderPathLineEdit.currentPath, self.ui.trainOutputPathLineEdit.currentPath,
+            iterations=p.trainIterations, regularizer=p.trainRegularizer, device=p.device,
+            simulations=self.ui.trainSimulationsPathLineEdit.currentPath or None,
+            progress=self.onTrainProgress, cancel=lambda: self._cancelRequested,
+        )
+        self.ui.modelComboBox.addItem(str(model))
+        self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.count - 1
+        self.setStatus(f"Trained {model.name}; it is now the selected model.")
 
 
 class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):

@@ -27,7 +27,7 @@ from urllib.request import urlopen
 
 import numpy as np
 
-from .volume import Volume
+from .volume import READ_SUFFIXES, Volume
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -258,7 +258,6 @@ def oasis_pairs(root: str | os.PathLike | None = None, atlas: str = "atlasA") ->
 
 
 FOLDER_ROLES = ("fixed", "moving", "fixed_labels", "moving_labels")
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def folder_pairs(folder: str | os.PathLike) -> list[Pair]:
@@ -277,7 +276,7 @@ def folder_pairs(folder: str | os.PathLike) -> list[Pair]:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = {}
         for role in FOLDER_ROLES:
-            found = [f for f in sub.iterdir() if f.name.lower() in {role + s for s in _IMAGE_SUFFIXES}]
+            found = [f for f in sub.iterdir() if f.name.lower() in {role + s for s in READ_SUFFIXES}]
             if len(found) > 1:
                 raise ValueError(f"{sub}: {len(found)} files for {role} ({', '.join(f.name for f in found)}); keep one")
             files[role] = found[0] if found else None
@@ -285,7 +284,7 @@ def folder_pairs(folder: str | os.PathLike) -> list[Pair]:
             continue  # not a pair folder
         missing = [r for r in FOLDER_ROLES[:2] if files[r] is None]
         if missing:
-            raise ValueError(f"{sub}: no {' or '.join(missing)} image (fixed.*, moving.*: {', '.join(_IMAGE_SUFFIXES)})")
+            raise ValueError(f"{sub}: no {' or '.join(missing)} image (fixed.*, moving.*: {', '.join(READ_SUFFIXES)})")
         if (files["fixed_labels"] is None) != (files["moving_labels"] is None):
             raise ValueError(f"{sub}: labels for one image only; give fixed_labels.* and moving_labels.*, or neither")
         pairs.append(Pair(sub.name, files["fixed"], files["moving"], files["fixed_labels"], files["moving_labels"], group=sub.name.split("__")[0]))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 import yaml
@@ -42,7 +43,7 @@ from .methods.common import pick_device
 from .models import load_checkpoint, save_checkpoint, save_model
 from .registration import Cancelled
 from .spatial import Grid, field_tensor, read_field, sample
-from .volume import Volume
+from .volume import READ_SUFFIXES
 
 DEFAULTS: dict = {
     "name": "adversarial_mrus",
@@ -74,7 +75,7 @@ DEFAULTS: dict = {
     "log_every": 10,
 }
 DEFAULT_WEIGHTS = {"adversarial": 0.01, "bending": 0.5, "l2": 0.5, "none": 0.0}
-FIELD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".h5")
+FIELD_SUFFIXES = (*READ_SUFFIXES, ".h5")
 
 
 class ConfigError(ValueError):
@@ -156,8 +157,13 @@ def covering_spacing(pairs: list[data.Pair], shape) -> float:
     """
     need = 0.0
     for pair in pairs:
-        g = Grid.of(Volume.read(pair.fixed))
-        extent = g.spacing * (np.array(g.shape[::-1]) - 1)  # (i, j, k) in mm
+        reader = sitk.ImageFileReader()  # the header only: the training set reads the voxels later
+        reader.SetFileName(str(pair.fixed))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise ConfigError(f"{pair.fixed}: cannot be read as an image ({str(error).strip().splitlines()[-1]})") from None
+        extent = np.array(reader.GetSpacing()[:3]) * (np.array(reader.GetSize()[:3]) - 1)  # (i, j, k) in mm
         need = max(need, float(np.max(extent / (np.array(shape[::-1], dtype=np.float64) - 1))))
     return math.ceil(need * 10) / 10
 

@@ -27,6 +27,8 @@ from .files import atomic_write
 
 # Single-file formats only, so that a write can be made atomic by one rename.
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+# What PriorReg looks for when it lists image files in a folder: the written formats and their header + data forms.
+READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 class VolumeError(ValueError):
