@@ -51,7 +51,7 @@ OPTIONS = {
     "brain_t1t2": {"iterative": {"similarity": "local_gradient"}, "dip": {"similarity": "local_gradient"}},
     # A brain on 2 CPU threads: DIP's default schedule (200 steps at 1/2, 100 at full size) takes about 25 minutes, and
     # a fresh network spends its first ~100 steps leaving its near-zero start, so a finer level given a share of a
-    # short budget adds nothing (measured: 400 + 60 steps at 1/4 + 1/2 scored as 400 at 1/4 alone). It gets 5 minutes,
+    # short budget adds nothing (exploratory runs: 60 steps at 1/2 after 400 at 1/4 left Dice unchanged). It gets 5 minutes,
     # all at 1/4 (about 0.17 s a step); `bench/results/speed_cuda.md` has the full schedule on a GPU.
     "oasis": {"dip": {"levels": (4,), "steps": (2000,), "max_seconds": 300}},
 }
