@@ -6,11 +6,9 @@ and makes the output nodes. torch is imported only when Apply runs (and installe
 asking), so the panel appears in a Slicer without it.
 """
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
-import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
@@ -24,7 +22,6 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from priorreg.registration import Cancelled
-from priorreg.slicer.dependencies import ensure_dependencies
 from priorreg.slicer.logic import (
     REGISTRATION_NETWORKS,
     display_outputs,
@@ -33,8 +30,8 @@ from priorreg.slicer.logic import (
     model_summary,
     register_nodes,
     registration_models,
-    set_foreground_opacity,
 )
+from priorreg.slicer.panel import JobPanel, ModelChoice
 from priorreg.slicer.quality import verdict_text
 
 DEFAULT_MODEL = "adversarial_mrus"
@@ -72,15 +69,14 @@ class AdversarialRegistrationParameterNode:
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
-class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class AdversarialRegistrationWidget(ModelChoice, JobPanel, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel; the parameter node, the job frame and the model choice are `priorreg.slicer.panel`'s."""
+
+    defaultModel = DEFAULT_MODEL
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -88,168 +84,36 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = AdversarialRegistrationLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.modelFileButton.connect("clicked(bool)", self.onModelFileButton)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
-        self.ui.opacitySlider.connect("valueChanged(double)", lambda value: set_foreground_opacity(slicer.mrmlScene, value))
-        self.ui.cancelButton.visible = False
+        self.setupModelChoice()
+        self.setupPanel(AdversarialRegistrationLogic())
 
-        self.populateModels()
-        self.initializeParameterNode()
+    def modelCards(self) -> dict:
+        return registration_models()
 
-    def cleanup(self) -> None:
-        self.removeObservers()
+    def modelSummary(self, card: dict) -> str:
+        return model_summary(card)
 
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        self.setParameterNode(None)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
-        self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
-            index = self.ui.modelComboBox.findText(self._parameterNode.model)
-            if index >= 0:
-                self.ui.modelComboBox.currentIndex = index
-            self.updateApplyButton()
-
-    def updateApplyButton(self, caller=None, event=None) -> None:
-        p = self._parameterNode
-        ready = p is not None and p.fixedVolume is not None and p.movingVolume is not None
-        self.ui.applyButton.enabled = ready and not self._running
-        self.ui.applyButton.toolTip = "Register the moving volume to the fixed volume" if ready else "Select a fixed and a moving volume"
-
-    # ------------------------------------------------------------------------------- models
-    def populateModels(self) -> None:
-        """The models found (shipped, $PRIORREG_MODELS), each with its card's summary as a tooltip."""
-        combo = self.ui.modelComboBox
-        current = combo.currentText or DEFAULT_MODEL
-        combo.blockSignals(True)
-        combo.clear()
-        try:
-            models = registration_models()
-        except ImportError:  # torch is not installed yet; Apply installs it
-            combo.addItem(DEFAULT_MODEL)
-            self.ui.modelSummaryLabel.text = "Model details appear once PyTorch is installed (Apply installs it)."
-        else:
-            for name, card in models.items():
-                combo.addItem(name)
-                combo.setItemData(combo.count - 1, model_summary(card), qt.Qt.ToolTipRole)
-            if combo.findText(current) < 0:
-                combo.addItem(current)
-        combo.currentIndex = combo.findText(current)
-        combo.blockSignals(False)
-        self.onModelChanged()
-
-    def onModelChanged(self, index=None) -> None:
-        name = self.ui.modelComboBox.currentText
-        if self._parameterNode and name:
-            self._parameterNode.model = name
-        try:
-            summary = model_summary(model_card(name))
-        except ImportError:
-            return  # torch missing: populateModels says so
-        except (ValueError, OSError) as error:
-            summary = str(error)
-        self.ui.modelSummaryLabel.text = summary
-        self.ui.modelComboBox.toolTip = summary
-
-    def onModelFileButton(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(self.parent, "Model file", "", "Models (*.safetensors)")
-        if path:
-            self.ui.modelComboBox.addItem(path)
-            self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.count - 1
-
-    # --------------------------------------------------------------------------------- runs
-    def setRunning(self, running: bool) -> None:
-        self._running = running
-        self._cancelRequested = False
-        self.ui.applyButton.visible = not running
-        self.ui.cancelButton.visible = running
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.trainCollapsibleButton):
-            widget.enabled = not running
-        self.ui.progressBar.value = 0
-        self.updateApplyButton()
-
-    def setStatus(self, text: str, error: bool = False) -> None:
-        self.ui.statusLabel.text = text
-        self.ui.statusLabel.styleSheet = "color: #c0392b" if error else ""
-
-    def onProgress(self, progress) -> None:
-        self.ui.progressBar.maximum = progress.total
-        self.ui.progressBar.value = progress.step
-        loss = "" if progress.loss != progress.loss else f", loss {progress.loss:.4f}"  # NaN: no loss at this stage
-        self.setStatus(f"{progress.stage}: step {progress.step} of {progress.total}{loss}")
-        slicer.app.processEvents()  # keeps Slicer responsive and lets Cancel be clicked
+    def lockedWhileRunning(self) -> tuple:
+        return (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.trainCollapsibleButton)
 
     def onTrainProgress(self, row: dict, total: int) -> None:
-        self.ui.progressBar.maximum = total
-        self.ui.progressBar.value = row["iteration"]
         val = f", validation Dice {row['val_dice']:.3f}" if isinstance(row.get("val_dice"), float) else ""
-        self.setStatus(f"Training: iteration {row['iteration']} of {total}, label loss {row.get('label', float('nan')):.4f}{val}")
-        slicer.app.processEvents()
-
-    def onCancelButton(self) -> None:
-        self._cancelRequested = True
-        self.setStatus("Cancelling...")
-
-    def runJob(self, what: str, job, cancelled=None) -> None:
-        """Apply's and Train's shared frame: PyTorch first (installed after asking), the panel locked with
-        Cancel shown while `job()` runs, a cancel or an error said in the panel (the traceback in the log).
-
-        `cancelled`: the status after a cancel; by default the `Cancelled` message itself.
-        """
-        if self._running:
-            return
-        try:
-            if not ensure_dependencies(slicer.util.confirmOkCancelDisplay):
-                self.setStatus(f"PriorReg needs PyTorch to {what}; nothing was changed.", error=True)
-                return
-            job()
-        except Cancelled as error:
-            self.setStatus(cancelled or f"{error}.")
-        except Exception as error:  # shown in the panel; the traceback goes to the log
-            logging.exception(f"AdversarialRegistration could not {what}")
-            self.setStatus(f"Error: {error}", error=True)
-        finally:
-            if self._running:
-                self.setRunning(False)
+        label = f"label loss {row.get('label', float('nan')):.4f}"
+        self.showProgress(row["iteration"], total, f"Training: iteration {row['iteration']} of {total}, {label}{val}")
 
     def onApplyButton(self) -> None:
-        self.runJob("register", self.registerPair, cancelled="Cancelled; the scene is as it was.")
+        self.runJob("register", self.registerPair)
 
     def registerPair(self) -> None:
-        self.populateModels()
-        self.setRunning(True)
+        self.populateModels()  # PyTorch may have just been installed: the cards can be read now
         self.setStatus("Loading the model...")
         slicer.app.processEvents()
         p = self._parameterNode
         outputs = self.logic.register(
             p.fixedVolume, p.movingVolume, model=p.model, device=p.device,
             fixed_segmentation=p.fixedSegmentation, moving_segmentation=p.movingSegmentation,
-            finetune_steps=p.finetuneSteps, progress=self.onProgress, cancel=lambda: self._cancelRequested,
+            finetune_steps=p.finetuneSteps, progress=self.onProgress, cancel=self.cancelRequested,
         )
         display_outputs(outputs, p.fixedVolume, p.opacity)
         done = f"Done in {outputs.result.seconds:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}"
@@ -260,10 +124,9 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         if not self._running and not (self.ui.trainFolderPathLineEdit.currentPath and self.ui.trainOutputPathLineEdit.currentPath):
             self.setStatus("Choose the folder of pairs and an output folder to train into.", error=True)
             return
-        self.runJob("train", self.trainOnFolder)
+        self.runJob("train", self.trainOnFolder, cancelled=None)  # the message says that training resumes
 
     def trainOnFolder(self) -> None:
-        self.setRunning(True)
         self.setStatus("Reading the pairs...")
         slicer.app.processEvents()
         p = self._parameterNode
@@ -271,10 +134,9 @@ class AdversarialRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
             self.ui.trainFolderPathLineEdit.currentPath, self.ui.trainOutputPathLineEdit.currentPath,
             iterations=p.trainIterations, regularizer=p.trainRegularizer, device=p.device,
             simulations=self.ui.trainSimulationsPathLineEdit.currentPath or None,
-            progress=self.onTrainProgress, cancel=lambda: self._cancelRequested,
+            progress=self.onTrainProgress, cancel=self.cancelRequested,
         )
-        self.ui.modelComboBox.addItem(str(model))
-        self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.count - 1
+        self.addModel(str(model))
         self.setStatus(f"Trained {model.name}; it is now the selected model.")
 
 

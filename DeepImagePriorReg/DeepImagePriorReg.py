@@ -7,11 +7,9 @@ stays responsive, the panel shows iteration and loss live, and Cancel is honoure
 iteration. torch is imported only when Apply runs (and installed then, after asking).
 """
 
-import logging
 from typing import Annotated
 
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -23,8 +21,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from priorreg.registration import Cancelled
-from priorreg.slicer.dependencies import ensure_dependencies
-from priorreg.slicer.logic import display_outputs, parse_schedule, register_nodes, set_foreground_opacity
+from priorreg.slicer.logic import display_outputs, parse_schedule, register_nodes
+from priorreg.slicer.panel import JobPanel
 
 
 class DeepImagePriorReg(ScriptedLoadableModule):
@@ -58,15 +56,12 @@ class DeepImagePriorRegParameterNode:
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
-class DeepImagePriorRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class DeepImagePriorRegWidget(JobPanel, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel; the parameter node and the job frame are `priorreg.slicer.panel`'s."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -74,104 +69,25 @@ class DeepImagePriorRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DeepImagePriorRegLogic()
+        self.setupPanel(DeepImagePriorRegLogic())
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
-        self.ui.opacitySlider.connect("valueChanged(double)", lambda value: set_foreground_opacity(slicer.mrmlScene, value))
-        self.ui.cancelButton.visible = False
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        self.setParameterNode(None)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
-        self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
-            self.updateApplyButton()
-
-    def updateApplyButton(self, caller=None, event=None) -> None:
-        p = self._parameterNode
-        ready = p is not None and p.fixedVolume is not None and p.movingVolume is not None
-        self.ui.applyButton.enabled = ready and not self._running
-        self.ui.applyButton.toolTip = "Register the moving volume to the fixed volume" if ready else "Select a fixed and a moving volume"
-
-    # --------------------------------------------------------------------------------- runs
-    def setRunning(self, running: bool) -> None:
-        self._running = running
-        self._cancelRequested = False
-        self.ui.applyButton.visible = not running
-        self.ui.cancelButton.visible = running
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton):
-            widget.enabled = not running
-        self.ui.progressBar.value = 0
-        self.updateApplyButton()
-
-    def setStatus(self, text: str, error: bool = False) -> None:
-        self.ui.statusLabel.text = text
-        self.ui.statusLabel.styleSheet = "color: #c0392b" if error else ""
-
-    def onProgress(self, progress) -> None:
-        self.ui.progressBar.maximum = progress.total
-        self.ui.progressBar.value = progress.step
-        loss = "" if progress.loss != progress.loss else f", loss {progress.loss:.4f}"  # NaN: no loss at this stage
-        left = f", about {progress.remaining:.0f} s left" if progress.step > 1 else ""
-        self.setStatus(f"{progress.stage}: iteration {progress.step} of {progress.total}{loss}{left}")
-        slicer.app.processEvents()  # keeps Slicer responsive and lets Cancel be clicked
-
-    def onCancelButton(self) -> None:
-        self._cancelRequested = True
-        self.setStatus("Cancelling...")
+    def lockedWhileRunning(self) -> tuple:
+        return (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton)
 
     def onApplyButton(self) -> None:
-        if self._running:
-            return
-        try:
-            p = self._parameterNode
-            levels, steps = parse_schedule(p.levels, p.steps)
-            if not ensure_dependencies(slicer.util.confirmOkCancelDisplay):
-                self.setStatus("PriorReg needs PyTorch to register; nothing was changed.", error=True)
-                return
-            self.setRunning(True)
-            outputs = self.logic.register(
-                p.fixedVolume, p.movingVolume, similarity=p.similarity, steps=steps, levels=levels,
-                max_seconds=p.maxSeconds or None, fixed_segmentation=p.fixedSegmentation,
-                moving_segmentation=p.movingSegmentation, init=p.init, device=p.device,
-                progress=self.onProgress, cancel=lambda: self._cancelRequested,
-            )
-            display_outputs(outputs, p.fixedVolume, p.opacity)
-            self.setStatus(f"Done in {outputs.result.seconds:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}")
-        except Cancelled:
-            self.setStatus("Cancelled; the scene is as it was.")
-        except Exception as error:  # shown in the panel; the traceback goes to the log
-            logging.exception("DeepImagePriorReg failed")
-            self.setStatus(f"Error: {error}", error=True)
-        finally:
-            if self._running:
-                self.setRunning(False)
+        self.runJob("register", self.registerPair)
+
+    def registerPair(self) -> None:
+        p = self._parameterNode
+        levels, steps = parse_schedule(p.levels, p.steps)
+        outputs = self.logic.register(
+            p.fixedVolume, p.movingVolume, similarity=p.similarity, steps=steps, levels=levels,
+            max_seconds=p.maxSeconds or None, fixed_segmentation=p.fixedSegmentation,
+            moving_segmentation=p.movingSegmentation, init=p.init, device=p.device,
+            progress=self.onProgress, cancel=self.cancelRequested,
+        )
+        display_outputs(outputs, p.fixedVolume, p.opacity)
+        self.setStatus(f"Done in {outputs.result.seconds:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}")
 
 
 class DeepImagePriorRegLogic(ScriptedLoadableModuleLogic):

@@ -8,10 +8,8 @@ makes the output nodes. torch is imported only when Apply runs (and installed th
 asking), so the panel appears in a Slicer without it.
 """
 
-import logging
 from typing import Annotated
 
-import qt
 import slicer
 import vtk
 from slicer import (
@@ -29,8 +27,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from priorreg.registration import Cancelled
-from priorreg.slicer.dependencies import ensure_dependencies
-from priorreg.slicer.logic import model_card, set_foreground_opacity
+from priorreg.slicer.panel import JobPanel, ModelChoice
 from priorreg.slicer.quality import (
     DEFAULT_MODEL,
     PLAUSIBILITY_MODEL,
@@ -40,7 +37,6 @@ from priorreg.slicer.quality import (
     verdict_text,
 )
 
-LOGGER = logging.getLogger(__name__)
 WARPED = "warped volume"
 MOVING = "moving volume and transform"
 
@@ -77,15 +73,14 @@ class RegQualityScoreParameterNode:
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
-class RegQualityScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class RegQualityScoreWidget(ModelChoice, JobPanel, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel; the parameter node, the job frame and the model choice are `priorreg.slicer.panel`'s."""
+
+    defaultModel = DEFAULT_MODEL
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -94,54 +89,25 @@ class RegQualityScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.resultsTableView.setMRMLScene(slicer.mrmlScene)
-        self.logic = RegQualityScoreLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.modelFileButton.connect("clicked(bool)", self.onModelFileButton)
-        self.ui.opacitySlider.connect("valueChanged(double)", lambda value: set_foreground_opacity(slicer.mrmlScene, value))
-        self.ui.cancelButton.visible = False
         self.showVerdict(None)
-
-        self.populateModels()
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        self.setParameterNode(None)
+        self.setupModelChoice()
+        self.setupPanel(RegQualityScoreLogic())
 
     def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
+        super().onSceneStartClose(caller, event)
         self.ui.resultsTableView.setMRMLTableNode(None)
         self.showVerdict(None)
 
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
+    def modelCards(self) -> dict:
+        from priorreg.models import available_models
 
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        return {name: card for name, card in available_models().items() if card.get("method") == "airnet"}
 
-    def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
-        self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
-            index = self.ui.modelComboBox.findText(self._parameterNode.model)
-            if index >= 0:
-                self.ui.modelComboBox.currentIndex = index
-            self.updateGUI()
+    def modelSummary(self, card: dict) -> str:
+        return critic_summary(card)
+
+    def lockedWhileRunning(self) -> tuple:
+        return (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton)
 
     def updateGUI(self, caller=None, event=None) -> None:
         """Show the inputs of the chosen way in (a warped volume, or a moving volume and transform), and Apply when ready."""
@@ -153,71 +119,15 @@ class RegQualityScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.visible = byTransform
         self.ui.transformLabel.text = "Transform:" if byTransform else "Transform (optional):"
         self.ui.otherSegmentationLabel.text = "Moving segmentation:" if byTransform else "Warped segmentation:"
-        if p is None or p.fixedVolume is None:
-            ready, tip = False, "Select the fixed volume"
-        elif byTransform:
-            ready, tip = p.movingVolume is not None and p.transform is not None, "Select the moving volume and the transform"
-        else:
-            ready, tip = p.warpedVolume is not None, "Select the warped volume"
-        self.ui.applyButton.enabled = ready and not self._running
-        self.ui.applyButton.toolTip = "Score the registration" if ready else tip
+        super().updateGUI(caller, event)
 
-    # ------------------------------------------------------------------------------- models
-    def populateModels(self) -> None:
-        """The AIR-net models found (shipped, $PRIORREG_MODELS), each with its card's summary as a tooltip."""
-        combo = self.ui.modelComboBox
-        current = combo.currentText or DEFAULT_MODEL
-        combo.blockSignals(True)
-        combo.clear()
-        try:
-            from priorreg.models import available_models
-        except ImportError:  # torch is not installed yet; Apply installs it
-            combo.addItem(DEFAULT_MODEL)
-            self.ui.modelSummaryLabel.text = "Model details appear once PyTorch is installed (Apply installs it)."
-        else:
-            for name, card in available_models().items():
-                if card.get("method") == "airnet":
-                    combo.addItem(name)
-                    combo.setItemData(combo.count - 1, critic_summary(card), qt.Qt.ToolTipRole)
-            if combo.findText(current) < 0:
-                combo.addItem(current)
-        combo.currentIndex = combo.findText(current)
-        combo.blockSignals(False)
-        self.onModelChanged()
-
-    def onModelChanged(self, index=None) -> None:
-        name = self.ui.modelComboBox.currentText
-        if self._parameterNode and name:
-            self._parameterNode.model = name
-        try:
-            summary = critic_summary(model_card(name))
-        except ImportError:
-            return  # torch missing: populateModels says so
-        except (ValueError, OSError) as error:
-            summary = str(error)
-        self.ui.modelSummaryLabel.text = summary
-        self.ui.modelComboBox.toolTip = summary
-
-    def onModelFileButton(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(self.parent, "Model file", "", "Models (*.safetensors)")
-        if path:
-            self.ui.modelComboBox.addItem(path)
-            self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.count - 1
-
-    # --------------------------------------------------------------------------------- runs
-    def setRunning(self, running: bool) -> None:
-        self._running = running
-        self._cancelRequested = False
-        self.ui.applyButton.visible = not running
-        self.ui.cancelButton.visible = running
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton):
-            widget.enabled = not running
-        self.ui.progressBar.value = 0
-        self.updateGUI()
-
-    def setStatus(self, text: str, error: bool = False) -> None:
-        self.ui.statusLabel.text = text
-        self.ui.statusLabel.styleSheet = "color: #c0392b" if error else ""
+    def readyToApply(self) -> tuple[bool, str]:
+        p = self._parameterNode
+        if p.fixedVolume is None:
+            return False, "Select the fixed volume"
+        if p.registration == MOVING:
+            return p.movingVolume is not None and p.transform is not None, "Select the moving volume and the transform"
+        return p.warpedVolume is not None, "Select the warped volume"
 
     def showVerdict(self, report) -> None:
         """The coloured indicator: green good, amber check, red failed; the estimate and reasons as text."""
@@ -227,49 +137,27 @@ class RegQualityScoreWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label.text = verdict_text(report)
             label.styleSheet = f"background-color: {VERDICT_COLORS[report['verdict']]}; color: white; font-weight: bold; padding: 6px"
 
-    def onProgress(self, progress) -> None:
-        self.ui.progressBar.maximum = progress.total
-        self.ui.progressBar.value = progress.step
-        self.setStatus(f"{progress.stage} (step {progress.step} of {progress.total})")
-        slicer.app.processEvents()  # keeps Slicer responsive and lets Cancel be clicked
-
-    def onCancelButton(self) -> None:
-        self._cancelRequested = True
-        self.setStatus("Cancelling...")
-
     def onApplyButton(self) -> None:
-        if self._running:
-            return
-        try:
-            if not ensure_dependencies(slicer.util.confirmOkCancelDisplay):
-                self.setStatus("PriorReg needs PyTorch to score; nothing was changed.", error=True)
-                return
-            self.populateModels()
-            self.setRunning(True)
-            self.showVerdict(None)
-            p = self._parameterNode
-            byTransform = p.registration == MOVING
-            outputs = self.logic.score(
-                p.fixedVolume, warped=None if byTransform else p.warpedVolume, moving=p.movingVolume if byTransform else None,
-                transform=p.transform, fixed_segmentation=p.fixedSegmentation,
-                warped_segmentation=None if byTransform else p.otherSegmentation,
-                moving_segmentation=p.otherSegmentation if byTransform else None,
-                model=p.model, plausibility=p.plausibility, device=p.device,
-                progress=self.onProgress, cancel=lambda: self._cancelRequested,
-            )
-            warped = outputs.warped_volume or p.warpedVolume
-            slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=warped, foregroundOpacity=p.opacity)
-            self.ui.resultsTableView.setMRMLTableNode(outputs.table)
-            self.showVerdict(outputs.report)
-            self.setStatus(f"Scored in {outputs.report['seconds']:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}")
-        except Cancelled:
-            self.setStatus("Cancelled; the scene is as it was.")
-        except Exception as error:  # shown in the panel; the traceback goes to the log
-            LOGGER.exception("RegQualityScore failed")
-            self.setStatus(f"Error: {error}", error=True)
-        finally:
-            if self._running:
-                self.setRunning(False)
+        self.runJob("score", self.scoreRegistration)
+
+    def scoreRegistration(self) -> None:
+        self.populateModels()  # PyTorch may have just been installed: the cards can be read now
+        self.showVerdict(None)
+        p = self._parameterNode
+        byTransform = p.registration == MOVING
+        outputs = self.logic.score(
+            p.fixedVolume, warped=None if byTransform else p.warpedVolume, moving=p.movingVolume if byTransform else None,
+            transform=p.transform, fixed_segmentation=p.fixedSegmentation,
+            warped_segmentation=None if byTransform else p.otherSegmentation,
+            moving_segmentation=p.otherSegmentation if byTransform else None,
+            model=p.model, plausibility=p.plausibility, device=p.device,
+            progress=self.onProgress, cancel=self.cancelRequested,
+        )
+        warped = outputs.warped_volume or p.warpedVolume
+        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=warped, foregroundOpacity=p.opacity)
+        self.ui.resultsTableView.setMRMLTableNode(outputs.table)
+        self.showVerdict(outputs.report)
+        self.setStatus(f"Scored in {outputs.report['seconds']:.1f} s: {', '.join(n.GetName() for n in outputs.nodes())}")
 
 
 class RegQualityScoreLogic(ScriptedLoadableModuleLogic):

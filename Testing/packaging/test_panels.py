@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+PANEL = ROOT / "priorreg" / "slicer" / "panel.py"  # the widgets' shared code
 MODULES = sorted(p.name for p in ROOT.iterdir() if (p / f"{p.name}.py").is_file() and (p / "CMakeLists.txt").is_file())
 
 # Naming convention: the suffix says what a widget is.
@@ -64,8 +65,8 @@ def module_source(module: str) -> ast.Module:
     return ast.parse((ROOT / module / f"{module}.py").read_text())
 
 
-def ui_names(tree: ast.Module) -> set[str]:
-    """Every `self.ui.<name>` in the module's code."""
+def ui_names(tree: ast.AST) -> set[str]:
+    """Every `self.ui.<name>` in the code under `tree`."""
     return {
         node.attr
         for node in ast.walk(tree)
@@ -75,6 +76,18 @@ def ui_names(tree: ast.Module) -> set[str]:
         and isinstance(node.value.value, ast.Name)
         and node.value.value.id == "self"
     }
+
+
+def mixins(module: str) -> list[ast.ClassDef]:
+    """The classes of `priorreg/slicer/panel.py` the module's widget derives from (their code names widgets too)."""
+    shared = {n.name: n for n in ast.parse(PANEL.read_text()).body if isinstance(n, ast.ClassDef)}
+    (widget,) = [n for n in module_source(module).body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"]
+    return [shared[b.id] for b in widget.bases if isinstance(b, ast.Name) and b.id in shared]
+
+
+def code_ui_names(module: str) -> set[str]:
+    """Every `self.ui.<name>` in the module's code and in the shared panel code its widget uses."""
+    return ui_names(module_source(module)).union(*(ui_names(cls) for cls in mixins(module)))
 
 
 def parameters(tree: ast.Module) -> dict[str, tuple[str, dict[str, list]]]:
@@ -116,18 +129,39 @@ def test_ui_is_well_formed_and_loaded_by_the_module(module):
 @pytest.mark.parametrize("module", MODULES)
 def test_every_widget_the_code_names_exists_with_a_plausible_class(module):
     found = widgets(ui_tree(module))
-    named = ui_names(module_source(module))
+    named = code_ui_names(module)
     assert {"applyButton", "cancelButton", "progressBar", "statusLabel", "opacitySlider"} <= named
     missing = sorted(named - set(found))
-    assert missing == [], f"{module}.py uses self.ui.{missing} but {module}.ui has no such widget"
+    assert missing == [], f"{module}.py or the panel code it uses names self.ui.{missing} but {module}.ui has no such widget"
     for name in named:
         assert found[name].get("class") in expected_classes(name), f"{name} is a {found[name].get('class')}"
 
 
 @pytest.mark.parametrize("module", MODULES)
+def test_widget_uses_the_shared_panel_code_as_it_asks(module):
+    """Before Slicer's widget class in the bases (its enter, exit and cleanup are the ones that run), and every
+    hook the shared code leaves to the module (a method raising NotImplementedError) defined by the widget."""
+    (widget,) = [n for n in module_source(module).body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"]
+    bases = [b.id for b in widget.bases if isinstance(b, ast.Name)]
+    used = mixins(module)
+    assert "JobPanel" in bases, f"{module}Widget does not use priorreg.slicer.panel.JobPanel"
+    assert bases.index("ScriptedLoadableModuleWidget") == len(used), f"{module}Widget: the shared classes come first: {bases}"
+    defined = {f.name for f in widget.body if isinstance(f, ast.FunctionDef)}
+    hooks = {
+        f.name
+        for cls in used
+        for f in cls.body
+        if isinstance(f, ast.FunctionDef) and any(isinstance(n, ast.Raise) and "NotImplementedError" in ast.unparse(n) for n in ast.walk(f))
+    }
+    assert hooks and sorted(hooks - defined) == [], f"{module}Widget leaves {sorted(hooks - defined)} undefined"
+    assert "onApplyButton" in defined
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_parameter_bindings_fit_the_parameter_types(module):
     tree = ui_tree(module)
-    source = (ROOT / module / f"{module}.py").read_text()
+    panel = PANEL.read_text()
+    source = (ROOT / module / f"{module}.py").read_text() + "".join(ast.get_source_segment(panel, c) for c in mixins(module))
     fields = parameters(module_source(module))
     bound = {}
     for widget in tree.iter("widget"):
@@ -224,7 +258,7 @@ def test_panel_loads_with_qt_and_is_kept_as_png(module, artifacts_dir):
     assert buffer.open(QIODevice.ReadOnly)
     panel = loader.load(buffer)
     assert panel is not None, loader.errorString()
-    missing = sorted(n for n in ui_names(module_source(module)) if panel.findChild(QWidget, n) is None)
+    missing = sorted(n for n in code_ui_names(module) if panel.findChild(QWidget, n) is None)
     assert missing == []
 
     # As the module shows it at rest: choices in the bound combo boxes, collapsed sections
