@@ -40,9 +40,11 @@ DEFAULTS: dict = {
     },
     "frame": {"shape": [24, 32, 24], "spacing": 3.0, "margin": 8},
     "network": {"width": 32, "dims": 3, "transform": "rigid"},
-    # tre_weight > 0 adds PriorReg's error regression to the critic (methods.airnet.error_regression_loss)
+    # tre_weight > 0 adds PriorReg's error regression to the critic (methods.airnet.error_regression_loss),
+    # rank_weight > 0 its ranking of known errors by landmark TRE (methods.airnet.ranking_loss, pairs over rank_margin_mm apart)
     # gp_fakes: "corrected" (the generator's fakes, as WGAN-GP) or "all" (perturbed pairs and impostors too)
-    "critic": {"mode": "clip", "clip": 0.01, "gp_weight": 10.0, "n_critic": 2, "impostors": 0.25, "tre_weight": 0.0, "gp_fakes": "corrected"},
+    "critic": {"mode": "clip", "clip": 0.01, "gp_weight": 10.0, "n_critic": 2, "impostors": 0.25, "tre_weight": 0.0,
+               "rank_weight": 0.0, "rank_margin_mm": 1.0, "gp_fakes": "corrected"},  # fmt: skip
     "perturbation": {"rotation_deg": 25.0, "translation_mm": 5.0},
     "weights": {"adversarial": 1.0, "perturbation": 1.0},
     "iterations": 2000,
@@ -75,6 +77,7 @@ class AirnetLosses:
     d_real: float
     d_fake: float
     tre_fit: float
+    rank_fit: float
 
 
 class FramedPairs:
@@ -100,7 +103,7 @@ class FramedPairs:
 
 class AirnetTrainer(TrainingRun):
     LOG_COLUMNS: ClassVar[list[str]] = [
-        "iteration", "seconds", "critic", "generator", "perturbation", "d_real", "d_fake", "tre_fit",
+        "iteration", "seconds", "critic", "generator", "perturbation", "d_real", "d_fake", "tre_fit", "rank_fit",
         "val_spearman", "val_auroc_5mm", "val_tre_before_mm", "val_tre_after_mm",
     ]  # fmt: skip
 
@@ -200,13 +203,18 @@ class AirnetTrainer(TrainingRun):
             real = (batch["fixed"], batch["aligned"])
             fake = (torch.cat(fake_f), torch.cat(fake_w))
             loss_c, d_real, d_fake = air.critic_loss(self.critic_p, real, fake, cc["mode"], cc["gp_weight"], cc["gp_fakes"])
-            tre_fit = torch.zeros(())
-            if cc["tre_weight"] > 0:  # real, corrected and perturbed pairs have known landmark TRE
+            tre_fit = rank_fit = torch.zeros(())
+            if cc["tre_weight"] > 0 or cc["rank_weight"] > 0:  # real, corrected and perturbed pairs have known landmark TRE
                 n = len(batch["idx"])
                 eye = torch.eye(3, 4, device=self.device).expand(n, 3, 4)
                 tre = torch.cat([self._tre(batch, m) for m in (eye, correction, batch["perturb"])])
-                tre_fit = air.error_regression_loss(torch.cat([d_real, d_fake[: 2 * n]]), tre)
-                loss_c = loss_c + cc["tre_weight"] * tre_fit
+                known = torch.cat([d_real, d_fake[: 2 * n]])
+                if cc["tre_weight"] > 0:
+                    tre_fit = air.error_regression_loss(known, tre)
+                    loss_c = loss_c + cc["tre_weight"] * tre_fit
+                if cc["rank_weight"] > 0:
+                    rank_fit = air.ranking_loss(known, tre, cc["rank_margin_mm"])
+                    loss_c = loss_c + cc["rank_weight"] * rank_fit
             self.opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             self.opt_c.step()
@@ -225,7 +233,8 @@ class AirnetTrainer(TrainingRun):
         loss_g.backward()
         self.opt_g.step()
         return AirnetLosses(
-            loss_c.item(), adversarial.item(), perturbation.item(), d_real.mean().item(), d_fake.mean().item(), tre_fit.item()
+            loss_c.item(), adversarial.item(), perturbation.item(), d_real.mean().item(), d_fake.mean().item(), tre_fit.item(),
+            rank_fit.item(),
         )
 
     # --------------------------------------------------------------------------------- validation

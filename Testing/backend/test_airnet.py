@@ -68,6 +68,15 @@ def test_standardise_and_critic_losses():
     assert everywhere.item() > plain.item()
     tre = torch.tensor([1.0, 4.0, float("nan")])
     assert air.error_regression_loss(torch.tensor([-1.0, -2.0, 5.0]), tre).item() == pytest.approx(2.0)  # (0 + 4) / 2
+    # ranking: the worse-aligned sample must score lower; errors within the margin are not ordered
+    tre = torch.tensor([0.5, 3.0, 9.0, 9.5, float("nan")])
+    right, wrong = torch.tensor([2.0, 0.0, -3.0, 5.0, 0.0]), torch.tensor([-3.0, 0.0, 2.0, 5.0, 0.0])
+    assert air.ranking_loss(right, tre) < air.ranking_loss(wrong, tre)
+    # the pairs over 1 mm apart: (3.0, 0.5), (9.0, 0.5), (9.0, 3.0), (9.5, 0.5), (9.5, 3.0); not (9.5, 9.0)
+    pairs = [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1)]
+    expected = sum(torch.nn.functional.softplus(right[i] - right[j]) for i, j in pairs) / len(pairs)
+    assert air.ranking_loss(right, tre).item() == pytest.approx(expected.item())
+    assert air.ranking_loss(right, torch.tensor([2.0, 2.5, 2.2, 2.9, 2.1])).item() == 0  # all within the margin
     air.clip_weights(critic, 0.01)
     assert max(p.abs().max().item() for p in critic.parameters()) <= 0.01
 
@@ -116,7 +125,7 @@ def test_a_short_training_run_writes_a_calibrated_model(tmp_path, shared_data):
                 "name": "tiny",
                 "data": {"root": str(shared_data), "limit": 3},
                 "network": {"width": 4},
-                "critic": {"mode": "clip", "tre_weight": 1.0},
+                "critic": {"mode": "clip", "tre_weight": 1.0, "rank_weight": 1.0},
                 "iterations": 3,
                 "batch_size": 2,
                 "validate_every": 3,
@@ -127,7 +136,7 @@ def test_a_short_training_run_writes_a_calibrated_model(tmp_path, shared_data):
     )
     config = load_config(config_path)
     last = train(config, tmp_path / "run")
-    assert np.isfinite(last["critic"]) and np.isfinite(last["val_tre_before_mm"]) and last["tre_fit"] > 0
+    assert np.isfinite(last["critic"]) and np.isfinite(last["val_tre_before_mm"]) and last["tre_fit"] > 0 and last["rank_fit"] > 0
     card = json.loads((tmp_path / "run" / "tiny.json").read_text())
     cal = card["calibration"]
     assert len(cal["score"]) == 9 and np.all(np.diff(cal["tre_mm"]) <= 1e-9)  # 3 pairs x 3, non-increasing

@@ -180,6 +180,23 @@ def error_regression_loss(scores: torch.Tensor, tre_mm: torch.Tensor) -> torch.T
     return (scores[ok] + tre_mm[ok]).square().mean() if ok.any() else scores.new_zeros(())
 
 
+def ranking_loss(scores: torch.Tensor, tre_mm: torch.Tensor, margin_mm: float = 1.0) -> torch.Tensor:
+    """PriorReg's optional critic term (`critic.rank_weight`): of two known-error pairs whose landmark
+    TRE differs by more than `margin_mm`, the worse must score lower (pairwise logistic loss, as RankNet).
+
+    The Wasserstein term only tells aligned pairs from misaligned ones; nothing in it orders the
+    misaligned ones by how far off they are, which is what a quality score is for. Scale-free, so
+    it does not fight that term as the regression onto millimetres did (`airnet_mrus_gp_tre`
+    diverged). The margin keeps landmark noise from ordering near-equal errors.
+    """
+    ok = torch.isfinite(tre_mm)
+    s, t = scores[ok], tre_mm[ok]
+    worse = (t[:, None] - t[None, :]) > margin_mm  # [i, j]: sample i is worse aligned than sample j
+    if not worse.any():
+        return scores.new_zeros(())
+    return torch.nn.functional.softplus(s[:, None] - s[None, :])[worse].mean()
+
+
 def clip_weights(critic, clip: float) -> None:
     with torch.no_grad():
         for p in critic.parameters():
