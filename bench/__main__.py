@@ -2,7 +2,8 @@
 
 `python -m bench regularizers ...` reruns seed 000's Table 1 (see `bench/regularizers.py`);
 `python -m bench speed ...` times registrations against volume size (see `bench/speed.py`);
-`python -m bench readme` copies `results.md` into the README (see `bench/readme.py`).
+`python -m bench readme` copies `results.md` into the README (see `bench/readme.py`);
+`python -m bench reproduce` reruns every figure the README reports (see `bench/reproduce.py`).
 
 Writes `DIR/<task>.json` (ARCHITECTURE.md's evaluation format, one entry per
 method), `DIR/<task>.md` (the run's date, machine, versions and command, and the table),
@@ -49,7 +50,7 @@ OPTIONS = {
     # T1 -> T2/FLAIR: unrelated intensities, so seed 002's local gradient (edge orientations, blind to which side
     # is bright: the paper's signed form made iterative and DIP diverge here, 11.4 and 10.7 mm from 7.18), not MAE.
     "brain_t1t2": {"iterative": {"similarity": "local_gradient"}, "dip": {"similarity": "local_gradient"}},
-    # A brain on 2 CPU threads: DIP's default schedule (200 steps at 1/2, 100 at full size) takes about 25 minutes, and
+    # A brain on 2 CPU threads: DIP's default schedule (200 steps at 1/2, 100 at full size) takes 37 minutes (speed.md), and
     # a fresh network spends its first ~100 steps leaving its near-zero start, so a finer level given a share of a
     # short budget adds nothing (exploratory runs: 60 steps at 1/2 after 400 at 1/4 left Dice unchanged). It gets 5 minutes,
     # all at 1/4 (about 0.17 s a step); `bench/results/speed_cuda.md` has the full schedule on a GPU.
@@ -172,7 +173,7 @@ def plot(task: str, reports: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
@@ -218,8 +219,24 @@ def main(argv=None) -> int:
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--merge", action="store_true", help="keep the previous measurements of this device, except those measured now")
-    args = p.parse_args(argv)
+    rp = sub.add_parser("reproduce", help="every figure in the README, one step after another (bench/reproduce.py)")
+    rp.add_argument("--data-root", help="shared data folder (default: $PRIORREG_DATA or ../shared/data)")
+    rp.add_argument("--runs", default="results/reproduce", help="training runs and worked examples go here (never Resources/Models)")
+    rp.add_argument("--train", action="store_true", help="also the training runs behind the models and the recipe comparisons")
+    rp.add_argument("--only", nargs="+", default=[], metavar="STEP", help="run only these steps (names as --list prints them)")
+    rp.add_argument("--list", action="store_true", help="print the steps and their commands; run nothing")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(THREADS)
+    if args.command == "reproduce":
+        from priorreg.data import data_root
+
+        from .reproduce import run as reproduce
+
+        return reproduce(str(data_root(args.data_root).resolve()), args.runs, args.only, args.train, args.list)
     if args.command == "readme":
         from .readme import update
 

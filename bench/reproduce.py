@@ -1,0 +1,249 @@
+"""`python -m bench reproduce`: every figure the README reports, rerun by one command from a clean checkout.
+
+The README's figures come from a chain of commands: the accuracy and speed suites, evaluations
+of the shipped models, worked examples, and the training runs behind the models and the
+comparisons of training recipes. `STEPS` lists them in the order they depend on each other,
+each with the files under `bench/results/` it rewrites, so that this is the one place that
+says how every committed figure was made. `Testing/bench/test_reproduce.py` keeps it honest:
+every committed result file and every training config has a step (or is in `ARCHIVED`, with
+the reason), every step's command parses with today's command lines, and the shipped models'
+training configs are trained by a step.
+
+By default the steps that need only the shipped models, the peers and `../shared` run (about
+3 hours on 2 CPU threads, most of it the per-pair optimisers on brains and the speed suite);
+`--train` adds the training runs (several more hours; the symmetric network's needs a GPU), which
+write into `--runs` and never over `Resources/Models`. `--list` prints the commands;
+`--only NAME ...` runs some. The last step rewrites the README's results block (`python -m bench readme`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = "bench/results"
+SUITES = ("hippocampus", "mrus_prostate", "brain_t1t2", "oasis")
+ALL_SIZES = "mrus 64 128 160x192x224"
+ALL_METHODS = "identity centres affine ants_syn elastix_bspline voxelmorph adversarial airnet symmetric iterative dip quality"
+AIRNET_COMPARED = ("gp", "gp_early", "gp_early_all", "gp_early_wide", "gp_rank", "gp_rank10")  # the rows of airnet_mrus.md
+AIRNET_TRAINED = (*AIRNET_COMPARED, "clip", "gp_tre")  # the last two quoted from their logs (clip vs penalty; a TRE regression diverged)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command; `writes`: the globs (from the repository root) of the result files it rewrites.
+
+    `needs`: "train" (only with --train), "cuda" (only where a GPU is visible). `copies`:
+    (from, to) files copied after the command, e.g. a training log kept beside the results.
+    Commands name `priorreg` and `python` as a user types them; `{data}` and `{runs}` are filled in.
+    """
+
+    name: str
+    commands: tuple[str, ...]
+    writes: tuple[str, ...] = ()
+    needs: frozenset[str] = field(default_factory=frozenset)
+    copies: tuple[tuple[str, str], ...] = ()
+
+
+def _train(config: str, out: str, simulations: str = "") -> str:
+    extra = f" --simulations {simulations}" if simulations else ""
+    return f"priorreg --data-root {{data}} train bench/configs/{config}.yaml{extra} --out {{runs}}/{out}"
+
+
+def _evaluate(task: str, method: str, json_path: str, split: str = "test", extra: str = "") -> str:
+    return f"priorreg --data-root {{data}} evaluate --task {task} --method {method} --split {split}{extra} --json {json_path}"
+
+
+TRAIN, CUDA = frozenset({"train"}), frozenset({"cuda"})
+STEPS: tuple[Step, ...] = (
+    # ---------------------------------------------------------------- from the shipped models and the peers
+    Step("demo", ("priorreg --data-root {data} register --sample mrus --method adversarial --out {runs}/examples/mrus_demo",)),  # README
+    Step("examples", (
+        "priorreg --data-root {data} register --sample mrus --method iterative --init centres --label-channels 0 "
+        "--out {runs}/examples/mrus_iterative_gland",
+        "priorreg --data-root {data} register --fixed {data}/hippocampus/images/hippocampus_034.nii.gz "
+        "--moving {data}/hippocampus/images/hippocampus_039.nii.gz --fixed-labels {data}/hippocampus/labels/hippocampus_034.nii.gz "
+        "--moving-labels {data}/hippocampus/labels/hippocampus_039.nii.gz --label-channels 0 1 --method symmetric "
+        "--finetune-steps 20 --out {runs}/examples/hippocampus_finetune",
+    )),
+    Step(
+        "accuracy",
+        (f"python -m bench run --suite accuracy --data-root {{data}} --out {RESULTS}",),
+        writes=tuple(f"{RESULTS}/{task}.{ext}" for task in SUITES for ext in ("json", "md", "png")) + (f"{RESULTS}/results.md",),
+    ),
+    Step(
+        "speed",
+        (f"python -m bench speed --methods {ALL_METHODS} --sizes {ALL_SIZES} --repeats 3 --data-root {{data}} --out {RESULTS}",),
+        writes=(f"{RESULTS}/speed.json", f"{RESULTS}/speed.md", f"{RESULTS}/speed.png"),
+    ),
+    Step(
+        "speed_cuda",
+        (f"python -m bench speed --methods {ALL_METHODS} --sizes {ALL_SIZES} --repeats 3 --device cuda --data-root {{data}} "
+         f"--out {RESULTS}",),  # fmt: skip
+        writes=(f"{RESULTS}/speed_cuda.json", f"{RESULTS}/speed_cuda.md", f"{RESULTS}/speed_cuda.png"),
+        needs=CUDA,
+    ),
+    Step(
+        "symmetric_test",
+        tuple(
+            _evaluate("hippocampus", method, f"{RESULTS}/symmetric_hippocampus_test_{name}.json", extra=extra)
+            for name, method, extra in (
+                ("identity", "identity", ""), ("centres", "centres", ""), ("symmetric", "symmetric", ""),
+                ("finetune40", "symmetric", " --finetune-steps 40"),
+            )
+        ),
+        writes=(f"{RESULTS}/symmetric_hippocampus_test_*.json",),
+    ),
+    Step(
+        "brain_baselines",
+        tuple(
+            _evaluate("brain_t1t2", method, f"{RESULTS}/deformgan_logs/{method}_{split}.json", split)
+            for method, split in (("identity", "test"), ("centres", "test"), ("iterative", "test"), ("identity", "train"))
+        ),
+        writes=tuple(f"{RESULTS}/deformgan_logs/{n}.json" for n in ("identity_test", "centres_test", "iterative_test", "identity_train")),
+    ),
+    # ------------------------------------------------------------------------------------ training runs
+    Step(
+        "regularizers",
+        ("priorreg simulate --out {runs}/simulations --n 300 --augment 1 --workers 2",  # pip install -e ".[sim]"
+         "python -m bench regularizers --data-root {data} --simulations {runs}/simulations --models {runs}/regularizers "
+         f"--out {RESULTS}"),
+        writes=(f"{RESULTS}/mrus_regularizers.json", f"{RESULTS}/mrus_regularizers.md"),
+        needs=TRAIN,
+    ),
+    Step(
+        "adversarial_landmarks",  # README: trained on landmark labels too, not shipped
+        (_train("mrus_adversarial_landmarks", "mrus_adversarial_landmarks", "{runs}/simulations"),),
+        needs=TRAIN,
+    ),
+    Step(
+        "airnet",
+        tuple(_train(f"airnet_mrus_{v}", f"airnet_{v}") for v in AIRNET_TRAINED)
+        + ("python -m bench airnet --data-root {data} --models "
+           + " ".join(f"{{runs}}/airnet_{v}/airnet_mrus_{v}.safetensors" for v in AIRNET_COMPARED) + f" --per-pair 20 --out {RESULTS}",),
+        writes=(f"{RESULTS}/airnet_mrus.json", f"{RESULTS}/airnet_mrus.md", f"{RESULTS}/airnet_logs/*.csv"),
+        needs=TRAIN,
+        copies=tuple((f"{{runs}}/airnet_{v}/log.csv", f"{RESULTS}/airnet_logs/airnet_mrus_{v}.csv") for v in AIRNET_TRAINED),
+    ),
+    Step(
+        "symmetric_gpu",  # the shipped symmetric_hippocampus: 3.6 min on one H200
+        (_train("symmetric_hippocampus_gpu", "symmetric_hippocampus_gpu"),
+         _evaluate("hippocampus", "symmetric", "{runs}/symmetric_hippocampus_gpu/test.json",
+                   extra=" --model {runs}/symmetric_hippocampus_gpu/symmetric_hippocampus_gpu.safetensors")),  # fmt: skip
+        writes=(f"{RESULTS}/symmetric_logs/gpu_log.csv",),
+        needs=TRAIN | CUDA,
+        copies=(("{runs}/symmetric_hippocampus_gpu/log.csv", f"{RESULTS}/symmetric_logs/gpu_log.csv"),),
+    ),
+    Step(
+        "symmetric_cpu",  # the model shipped until 2026-11-29: 29 min on 2 threads
+        (_train("symmetric_hippocampus", "symmetric_hippocampus"),
+         _evaluate("hippocampus", "symmetric", "{runs}/symmetric_hippocampus/test.json",
+                   extra=" --model {runs}/symmetric_hippocampus/symmetric_hippocampus.safetensors")),  # fmt: skip
+        writes=(f"{RESULTS}/symmetric_logs/shipped_log.csv",),
+        needs=TRAIN,
+        copies=(("{runs}/symmetric_hippocampus/log.csv", f"{RESULTS}/symmetric_logs/shipped_log.csv"),),
+    ),
+    Step(
+        "voxelmorph",  # the VoxelMorph peer of the hippocampus suite, trained with its own recipe
+        ("python -m bench voxelmorph --data-root {data} --iterations 3000 --seed 0",),
+        writes=(f"{RESULTS}/voxelmorph_hippocampus.*", f"{RESULTS}/voxelmorph_hippocampus_log.csv"),
+        needs=TRAIN,
+    ),
+    Step(
+        "deformgan",
+        (_train("deformgan_brain", "deformgan_brain"), _train("voxelmorph_lg_brain", "voxelmorph_lg_brain"))
+        + tuple(
+            _evaluate("brain_t1t2", "deformgan", f"{RESULTS}/deformgan_logs/{name}_{split}.json", split,
+                      f" --device cpu --model {{runs}}/{run}/{run}.safetensors")  # fmt: skip
+            for name, run, split in (("deformgan", "deformgan_brain", "test"), ("voxelmorph_lg", "voxelmorph_lg_brain", "test"),
+                                     ("deformgan", "deformgan_brain", "train"))  # fmt: skip
+        ),
+        writes=(f"{RESULTS}/deformgan_logs/deformgan_*", f"{RESULTS}/deformgan_logs/voxelmorph_lg_*"),
+        needs=TRAIN,
+        copies=(("{runs}/deformgan_brain/log.csv", f"{RESULTS}/deformgan_logs/deformgan_log.csv"),
+                ("{runs}/voxelmorph_lg_brain/log.csv", f"{RESULTS}/deformgan_logs/voxelmorph_lg_log.csv")),  # fmt: skip
+    ),
+    Step("readme", ("python -m bench readme",), writes=("README.md",)),  # the results block, from results.md
+)
+
+# Committed result files no step rewrites, and why.
+ARCHIVED = {
+    f"{RESULTS}/symmetric_logs/smoothness_0.1_log.csv": "exploratory CPU run quoted in the README (the CPU config, smoothness 0.1)",
+    f"{RESULTS}/symmetric_logs/with_flips_*": "exploratory CPU run quoted in the README, its config kept beside its log",
+}
+
+
+def writer(path: str) -> str | None:
+    """The step that rewrites a result file (a path from the repository root), 'archived', or None."""
+    for step in STEPS:
+        if any(fnmatch.fnmatch(path, pattern) for pattern in step.writes):
+            return step.name
+    return "archived" if any(fnmatch.fnmatch(path, pattern) for pattern in ARCHIVED) else None
+
+
+def argv(command: str, data: str, runs: str) -> list[str]:
+    """A step's command as the argument list to run: `priorreg` and `python` are this interpreter's."""
+    words = shlex.split(command.format(data=data, runs=runs))
+    if words[0] == "priorreg":
+        return [sys.executable, "-m", "priorreg", *words[1:]]
+    if words[0] == "python":
+        return [sys.executable, *words[1:]]
+    raise ValueError(f"a step runs priorreg or python, not {words[0]!r}: {command}")
+
+
+def chosen(only=(), train=False, cuda=None) -> list[tuple[Step, str | None]]:
+    """(step, why it is skipped or None) for the steps asked for, in order."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    unknown = sorted(set(only) - {s.name for s in STEPS})
+    if unknown:
+        raise ValueError(f"no step {unknown}; the steps: {', '.join(s.name for s in STEPS)}")
+    out = []
+    for step in STEPS:
+        if only and step.name not in only:
+            continue
+        skip = None
+        if "train" in step.needs and not train:
+            skip = "a training run (add --train)"
+        elif "cuda" in step.needs and not cuda:
+            skip = "needs a CUDA GPU"
+        out.append((step, skip))
+    return out
+
+
+def run(data: str, runs: str, only=(), train=False, listing=False, cuda=None) -> int:
+    """Run (or with `listing`, print) the steps; stops at the first failure and returns its exit status."""
+    steps = chosen(only, train, cuda)
+    start = time.perf_counter()
+    for step, skip in steps:
+        print(f"## {step.name}" + (f": skipped, {skip}" if skip else ""), flush=True)
+        if skip:
+            continue
+        for command in step.commands:
+            print(shlex.join(argv(command, data, runs)) if not listing else command.format(data=data, runs=runs), flush=True)
+            if listing:
+                continue
+            began = time.perf_counter()
+            status = subprocess.call(argv(command, data, runs), cwd=ROOT)
+            if status:
+                print(f"step {step.name} failed (exit {status}); the steps after it were not run", flush=True)
+                return status
+            print(f"({time.perf_counter() - began:.0f} s)", flush=True)
+        for source, dest in step.copies:
+            source, dest = source.format(data=data, runs=runs), dest.format(data=data, runs=runs)
+            print(f"copy {source} -> {dest}")
+            if not listing:
+                Path(ROOT, dest).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(ROOT, source), Path(ROOT, dest))
+    if not listing:
+        print(f"done in {(time.perf_counter() - start) / 3600:.1f} h; `git diff {RESULTS} README.md` shows what changed")
+    return 0
