@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--per-pair", type=int, default=20)
     a.add_argument("--out", required=True)
     a.add_argument("--ship", help="then copy this one of --models into Resources/Models as airnet_mrus")
+    a.add_argument("--merge", action="store_true", help="keep the models already in DIR/airnet_mrus.json that are not run now")
+    a.add_argument("--pairs", type=int, help="only the first N test pairs (a quick look; the committed table uses every pair)")
     v = sub.add_parser("voxelmorph", help="train the VoxelMorph peer on the hippocampus training subjects (its own recipe)")
     v.add_argument("--data-root")
     v.add_argument("--iterations", type=int, default=3000)
@@ -251,7 +253,8 @@ def main(argv=None) -> int:
     if args.command == "airnet":
         from . import airnet
 
-        print(airnet.run(args.models, args.data_root, Path(args.out), args.per_pair))
+        command = f"python -m bench {shlex.join(sys.argv[1:] if argv is None else argv)}"
+        print(airnet.run(args.models, args.data_root, Path(args.out), args.per_pair, merge=args.merge, command=command, pairs=args.pairs))
         if args.ship:
             dest = ROOT / "Resources" / "Models"
             print(f"shipped {airnet.ship(Path(args.out) / 'airnet_mrus.json', args.ship, 'airnet_mrus', dest)}")

@@ -1,6 +1,7 @@
 """The benchmark harness on a tiny subset, so it cannot rot (full runs are not in CI)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,30 @@ def test_affine_peer_recovers_a_known_affine_on_an_oblique_anisotropic_volume(sh
     error = np.linalg.norm(field.array - expected, axis=0)[inside]
     assert np.linalg.norm(expected, axis=0)[inside].mean() > 4.0  # the task is not trivial
     assert np.median(error) < 1.0 and np.percentile(error, 95) < 2.0
+
+
+def test_airnet_comparison_scores_models_and_merges_runs(tmp_path, shared_data, repo_root):
+    """`python -m bench airnet`: a model's quality score and registration on the test patients; `--merge` adds a model
+    to the table without rescoring the others, and refuses a table of other alignments."""
+    import shutil
+
+    shipped = repo_root / "Resources" / "Models" / "airnet_mrus.safetensors"
+    other = tmp_path / "other.safetensors"
+    shutil.copyfile(shipped, other)
+    shutil.copyfile(shipped.with_suffix(".json"), other.with_suffix(".json"))
+    out = tmp_path / "cmp"
+    common = ["--data-root", str(shared_data), "--pairs", "3", "--per-pair", "4", "--out", str(out)]
+    assert main(["airnet", "--models", str(shipped), *common]) == 0
+    first = json.loads((out / "airnet_mrus.json").read_text())
+    (row,) = first["results"]
+    assert row["quality"]["n_pairs"] == 3 and -1 <= row["quality"]["spearman"] < 0  # a worse alignment scores lower
+    assert row["recovery_1"]["tre_before_mm"] > 2 and row["from_centres_centres"]["tre_median_mm"] > 5
+    assert main(["airnet", "--models", str(other), "--merge", *common]) == 0
+    merged = json.loads((out / "airnet_mrus.json").read_text())
+    assert [(Path(r["model"]).stem, r["run"]) for r in merged["results"]] == [("airnet_mrus", 0), ("other", 1)]
+    assert merged["results"][0] == {**row, "run": 0}  # kept, not rescored
+    assert merged["results"][1]["quality"] == row["quality"]  # the same weights score the same alignments alike
+    table = (out / "airnet_mrus.md").read_text()
+    assert "| airnet_mrus | 0 |" in table and "| other | 1 |" in table and "--merge" in table
+    with pytest.raises(ValueError, match="other alignments"):
+        main(["airnet", "--models", str(other), "--merge", *common[:-3], "3", "--out", str(out)])
