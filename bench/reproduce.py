@@ -32,7 +32,10 @@ RESULTS = "bench/results"
 SUITES = ("hippocampus", "mrus_prostate", "brain_t1t2", "oasis")
 ALL_SIZES = "mrus 64 128 160x192x224"
 ALL_METHODS = "identity centres affine ants_syn elastix_bspline voxelmorph adversarial airnet symmetric iterative dip quality"
-AIRNET_COMPARED = ("gp", "gp_early", "gp_early_all", "gp_early_wide", "gp_rank", "gp_rank10")  # the rows of airnet_mrus.md
+# the rows of airnet_mrus.md
+AIRNET_COMPARED = (
+    "gp", "gp_early", "gp_early_all", "gp_early_wide", "gp_rank", "gp_rank10", "gp_rank_gland", "regress_gland", "regress_gland_long",
+)  # fmt: skip
 AIRNET_TRAINED = (*AIRNET_COMPARED, "clip", "gp_tre")  # the last two quoted from their logs (clip vs penalty; a TRE regression diverged)
 
 
@@ -100,6 +103,11 @@ STEPS: tuple[Step, ...] = (
             )
         ),
         writes=(f"{RESULTS}/symmetric_hippocampus_test_*.json",),
+    ),
+    Step(
+        "quality",  # the shipped critic against known errors, and the bound any score of the images has (gland error)
+        ("priorreg --data-root {data} evaluate --task quality --split test --json bench/results/quality_test.json",),
+        writes=(f"{RESULTS}/quality_test.json",),
     ),
     Step(
         "brain_baselines",

@@ -41,10 +41,13 @@ DEFAULTS: dict = {
     "frame": {"shape": [24, 32, 24], "spacing": 3.0, "margin": 8},
     "network": {"width": 32, "dims": 3, "transform": "rigid"},
     # tre_weight > 0 adds PriorReg's error regression to the critic (methods.airnet.error_regression_loss),
-    # rank_weight > 0 its ranking of known errors by landmark TRE (methods.airnet.ranking_loss, pairs over rank_margin_mm apart)
+    # rank_weight > 0 its ranking of known errors (methods.airnet.ranking_loss, pairs over rank_margin_mm apart); both fit
+    # `target`: the landmark TRE, or the gland error (RMS over the fixed gland of the move from the reference alignment,
+    # what the images show of an error). wasserstein: false drops the Wasserstein term: the critic is then the error
+    # regression alone, impostors regressed to IMPOSTOR_ERROR_MM, and its D-score is minus an error in mm.
     # gp_fakes: "corrected" (the generator's fakes, as WGAN-GP) or "all" (perturbed pairs and impostors too)
     "critic": {"mode": "clip", "clip": 0.01, "gp_weight": 10.0, "n_critic": 2, "impostors": 0.25, "tre_weight": 0.0,
-               "rank_weight": 0.0, "rank_margin_mm": 1.0, "gp_fakes": "corrected"},  # fmt: skip
+               "rank_weight": 0.0, "rank_margin_mm": 1.0, "gp_fakes": "corrected", "target": "landmarks", "wasserstein": True},  # fmt: skip
     "perturbation": {"rotation_deg": 25.0, "translation_mm": 5.0},
     "weights": {"adversarial": 1.0, "perturbation": 1.0},
     "iterations": 2000,
@@ -62,6 +65,10 @@ def check_config(config: dict) -> dict:
         raise ConfigError(f"network.transform must be one of {tuple(air.TRANSFORMS)}, got {config['network']['transform']!r}")
     if config["critic"]["gp_fakes"] not in ("corrected", "all"):
         raise ConfigError(f"critic.gp_fakes must be 'corrected' or 'all', got {config['critic']['gp_fakes']!r}")
+    if config["critic"]["target"] not in ("landmarks", "gland"):
+        raise ConfigError(f"critic.target must be 'landmarks' or 'gland', got {config['critic']['target']!r}")
+    if not config["critic"]["wasserstein"] and config["critic"]["tre_weight"] <= 0:
+        raise ConfigError("critic.wasserstein: false needs critic.tre_weight > 0 (the critic is then the error regression)")
     if config["critic"]["mode"] not in air.CRITICS:
         raise ConfigError(f"critic.mode must be one of {air.CRITICS}, got {config['critic']['mode']!r}")
     if config["data"]["task"] != "mrus_prostate":
@@ -80,22 +87,39 @@ class AirnetLosses:
     rank_fit: float
 
 
+IMPOSTOR_ERROR_MM = 20.0  # what a regression critic learns for an impostor: beyond every verdict threshold
+GLAND_POINTS = 256  # gland voxels (of the fixed frame) whose move measures an alignment's gland error
+
+
 class FramedPairs:
-    """Pairs in the model frame: raw images, reference fields and landmark points."""
+    """Pairs in the model frame: raw images, reference fields, landmark points, and gland points.
+
+    `gland`: per pair, up to `GLAND_POINTS` fixed-frame gland voxel centres and where the reference
+    alignment takes them, so that `candidate_tre` on them is the gland error of an alignment.
+    """
 
     def __init__(self, pairs: list, frame: ModelFrame, init: str):
         self.ids = [p.id for p in pairs]
-        fixed, moving, refs = [], [], []
+        fixed, moving, refs, glands = [], [], [], []
+        fgrid = frame.canonical()
+        every = fgrid.points(torch.float32).reshape(-1, 3)
         for pair in pairs:
             v = pair.load()
             f, m = air.frame_images(v.fixed, v.moving, frame, init)
             fixed.append(f)
             moving.append(m)
             refs.append(cached_reference(pair, frame, init))
+            mask, _ = air.frame_images(v.fixed_labels.channel(0), v.moving, frame, init)
+            inside = every[torch.as_tensor(mask.reshape(-1) > 0.5)]
+            glands.append(inside[torch.linspace(0, len(inside) - 1, min(GLAND_POINTS, len(inside))).long()])
         self.fixed = torch.as_tensor(np.stack(fixed))
         self.moving = torch.as_tensor(np.stack(moving))
         self.ref = torch.cat([r.field for r in refs]).float()
         self.points = [(r.fixed_points, r.moving_points) for r in refs]
+        eye = torch.eye(3, 4)[None]
+        self.gland = [
+            (g.numpy(), air.candidate_points(self.ref[i : i + 1], eye, fgrid, g[None])[0].numpy()) for i, g in enumerate(glands)
+        ]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -125,7 +149,7 @@ class AirnetTrainer(TrainingRun):
         self.card = air.model_card(self.frame, n["width"], n["dims"], self.kind, d["init"], p)
         self.generator, self.critic = (m.to(self.device) for m in air.build_networks(self.card))
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=c["lr"], betas=(0.5, 0.9))
-        if c["critic"]["mode"] == "clip":  # Arjovsky et al.: momentum-free RMSProp with clipping
+        if c["critic"]["mode"] == "clip" and c["critic"]["wasserstein"]:  # Arjovsky et al.: momentum-free RMSProp with clipping
             self.opt_c = torch.optim.RMSprop(self.critic.parameters(), lr=c["lr"])
         else:  # Gulrajani et al.
             self.opt_c = torch.optim.Adam(self.critic.parameters(), lr=c["lr"], betas=(0.5, 0.9))
@@ -174,10 +198,11 @@ class AirnetTrainer(TrainingRun):
         return air.then(air.invert(air.transform_matrix(estimate, self.kind)), batch["perturb"])
 
     def _tre(self, batch: dict, matrix: torch.Tensor) -> torch.Tensor:
-        """Landmark TRE (mm) of `ref o matrix` for each sample of the batch."""
+        """The error (mm) of `ref o matrix` for each sample of the batch: landmark TRE or gland error (`critic.target`)."""
+        points = self.data.gland if self.config["critic"]["target"] == "gland" else self.data.points
         out = []
         for k, i in enumerate(batch["idx"]):
-            fp, mp = self.data.points[i]
+            fp, mp = points[i]
             ref = self.data.ref[i : i + 1].to(self.device)
             out.append(air.candidate_tre(ref, matrix[k : k + 1], self.fgrid, fp, mp))
         return torch.cat(out).to(self.device)
@@ -202,15 +227,23 @@ class AirnetTrainer(TrainingRun):
                 fake_w.append(w)
             real = (batch["fixed"], batch["aligned"])
             fake = (torch.cat(fake_f), torch.cat(fake_w))
-            loss_c, d_real, d_fake = air.critic_loss(self.critic_p, real, fake, cc["mode"], cc["gp_weight"], cc["gp_fakes"])
+            if cc["wasserstein"]:
+                loss_c, d_real, d_fake = air.critic_loss(self.critic_p, real, fake, cc["mode"], cc["gp_weight"], cc["gp_fakes"])
+            else:
+                d_real, d_fake = self.critic_p(*real)[:, 0], self.critic_p(*fake)[:, 0]
+                loss_c = d_real.new_zeros(())
             tre_fit = rank_fit = torch.zeros(())
-            if cc["tre_weight"] > 0 or cc["rank_weight"] > 0:  # real, corrected and perturbed pairs have known landmark TRE
+            if cc["tre_weight"] > 0 or cc["rank_weight"] > 0:  # real, corrected and perturbed pairs have known errors
                 n = len(batch["idx"])
                 eye = torch.eye(3, 4, device=self.device).expand(n, 3, 4)
                 tre = torch.cat([self._tre(batch, m) for m in (eye, correction, batch["perturb"])])
                 known = torch.cat([d_real, d_fake[: 2 * n]])
                 if cc["tre_weight"] > 0:
-                    tre_fit = air.error_regression_loss(known, tre)
+                    if cc["wasserstein"]:
+                        tre_fit = air.error_regression_loss(known, tre)
+                    else:  # the regression is the critic: impostors too, at an error no verdict calls good
+                        impostors = torch.full_like(d_fake[2 * n :], IMPOSTOR_ERROR_MM)
+                        tre_fit = air.error_regression_loss(torch.cat([known, d_fake[2 * n :]]), torch.cat([tre, impostors]))
                     loss_c = loss_c + cc["tre_weight"] * tre_fit
                 if cc["rank_weight"] > 0:
                     rank_fit = air.ranking_loss(known, tre, cc["rank_margin_mm"])
@@ -218,7 +251,7 @@ class AirnetTrainer(TrainingRun):
             self.opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             self.opt_c.step()
-            if cc["mode"] == "clip":
+            if cc["mode"] == "clip" and cc["wasserstein"]:
                 air.clip_weights(self.critic, cc["clip"])
         batch = self._pair_batch(self._draw(g))
         estimate = self.generator_p(batch["fixed"], batch["perturbed"])

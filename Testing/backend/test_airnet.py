@@ -17,6 +17,7 @@ from priorreg.nets.airnet import AirNet
 from priorreg.quality import known_error_samples, perturbed_field
 from priorreg.registration import register
 from priorreg.train import load_config, train
+from priorreg.train_airnet import FramedPairs
 
 
 def test_transforms_invert_and_compose():
@@ -81,6 +82,21 @@ def test_standardise_and_critic_losses():
     assert max(p.abs().max().item() for p in critic.parameters()) <= 0.01
 
 
+def test_framed_pairs_carry_gland_points_whose_error_is_the_alignments_move(shared_data):
+    """The gland error of the reference alignment is 0, and of a perturbation the RMS move of the gland points."""
+    pairs = data.split_by_patient(data.mrus_pairs(shared_data))["train"][:2]
+    frame = ModelFrame((24, 32, 24), 3.0, 8)
+    framed = FramedPairs(pairs, frame, "centres")
+    fgrid = frame.canonical()
+    shift = torch.tensor([[[1.0, 0, 0, 3.0], [0, 1.0, 0, 0], [0, 0, 1.0, 4.0]]])  # a 5 mm translation in the frame
+    for i in range(2):
+        points, mapped = framed.gland[i]
+        assert 50 < len(points) <= 256
+        assert air.candidate_tre(framed.ref[i : i + 1], torch.eye(3, 4)[None], fgrid, points, mapped).item() == pytest.approx(0, abs=1e-4)
+        moved = air.candidate_tre(framed.ref[i : i + 1], shift, fgrid, points, mapped).item()
+        assert 3.5 < moved < 6.5  # the reference field is smooth: about the 5 mm shift
+
+
 @pytest.fixture(scope="module")
 def mrus_pair(shared_data):
     return data.mrus_pairs(shared_data)[0]
@@ -116,7 +132,15 @@ def test_known_error_samples_have_the_tre_the_frame_predicts(mrus_pair):
     assert float(in_frame.max()) > 2.0  # the perturbations really misalign
 
 
-def test_a_short_training_run_writes_a_calibrated_model(tmp_path, shared_data):
+@pytest.mark.parametrize(
+    "critic",
+    [
+        {"mode": "clip", "tre_weight": 1.0, "rank_weight": 1.0},  # Wasserstein (clipped) + both of PriorReg's terms, landmarks
+        {"mode": "gp", "wasserstein": False, "tre_weight": 1.0, "target": "gland"},  # the critic as a gland-error regressor
+    ],
+    ids=["wasserstein_clip", "gland_regression"],
+)
+def test_a_short_training_run_writes_a_calibrated_model(tmp_path, shared_data, critic):
     config_path = tmp_path / "c.yaml"
     config_path.write_text(
         yaml.safe_dump(
@@ -125,7 +149,7 @@ def test_a_short_training_run_writes_a_calibrated_model(tmp_path, shared_data):
                 "name": "tiny",
                 "data": {"root": str(shared_data), "limit": 3},
                 "network": {"width": 4},
-                "critic": {"mode": "clip", "tre_weight": 1.0, "rank_weight": 1.0},
+                "critic": critic,
                 "iterations": 3,
                 "batch_size": 2,
                 "validate_every": 3,
@@ -136,12 +160,16 @@ def test_a_short_training_run_writes_a_calibrated_model(tmp_path, shared_data):
     )
     config = load_config(config_path)
     last = train(config, tmp_path / "run")
-    assert np.isfinite(last["critic"]) and np.isfinite(last["val_tre_before_mm"]) and last["tre_fit"] > 0 and last["rank_fit"] > 0
+    assert np.isfinite(last["critic"]) and np.isfinite(last["val_tre_before_mm"]) and last["tre_fit"] > 0
+    assert (last["rank_fit"] > 0) == ("rank_weight" in critic)
+    if not critic.get("wasserstein", True):  # the critic's loss is the regression alone
+        assert last["critic"] == pytest.approx(last["tre_fit"], rel=1e-5)
     card = json.loads((tmp_path / "run" / "tiny.json").read_text())
     cal = card["calibration"]
     assert len(cal["score"]) == 9 and np.all(np.diff(cal["tre_mm"]) <= 1e-9)  # 3 pairs x 3, non-increasing
     loaded = air.LoadedAirNet.load(tmp_path / "run" / "tiny.safetensors", "cpu")
-    assert max(p.abs().max().item() for p in loaded.critic.parameters()) <= 0.01  # clipped
+    clipped = max(p.abs().max().item() for p in loaded.critic.parameters()) <= 0.01
+    assert clipped == (critic["mode"] == "clip")  # a regression critic is never clipped
 
 
 def test_known_error_samples_are_reproducible(mrus_pair, tmp_path):

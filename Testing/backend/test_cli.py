@@ -152,4 +152,6 @@ def test_evaluate_quality_reports_agreement_with_known_errors(tmp_path, shared_d
     s = report["summary"]
     assert report["task"] == "quality" and s["n_pairs"] == 2 and s["n_samples"] == 8
     assert -1 <= s["spearman"] <= 1 and 0 <= s["auroc"] <= 1 and 0 <= s["within_1_5mm"] <= 1
-    assert all(r["tre_mm"] >= 0 for r in report["pairs"])
+    assert all(r["tre_mm"] >= 0 and r["gland_error_mm"] >= 0 for r in report["pairs"])
+    # the bound: how the gland error itself (what the images show) ranks the landmark TRE
+    assert s["gland_error_spearman"] < -0.5 and 0.5 < s["gland_error_auroc"] <= 1
