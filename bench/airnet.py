@@ -34,7 +34,8 @@ def evaluate_model(path: str, root, per_pair: int, seed: int, pairs: int | None 
     test = data.split_by_patient(data.mrus_pairs(root))["test"][:pairs]
     framed = FramedPairs(test, model.frame, model.card["preprocessing"]["init"])
     out: dict = {"model": str(path), "card": {k: model.card[k] for k in ("architecture", "perturbation")}}
-    out["critic_mode"] = model.card.get("training", {}).get("config", {}).get("critic", {}).get("mode")
+    critic = model.card.get("training", {}).get("config", {}).get("critic", {})
+    out["critic_mode"] = critic.get("mode") if critic.get("wasserstein", True) else "regression"
     out["validation"] = model.card.get("validation")
     quality = evaluate_quality(root, "test", per_pair, seed, path, n_pairs=pairs)
     out["quality"] = quality["summary"]

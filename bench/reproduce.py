@@ -34,7 +34,8 @@ ALL_SIZES = "mrus 64 128 160x192x224"
 ALL_METHODS = "identity centres affine ants_syn elastix_bspline voxelmorph adversarial airnet symmetric iterative dip quality"
 # the rows of airnet_mrus.md
 AIRNET_COMPARED = (
-    "gp", "gp_early", "gp_early_all", "gp_early_wide", "gp_rank", "gp_rank10", "gp_rank_gland", "regress_gland", "regress_gland_long",
+    "gp", "gp_early", "gp_early_all", "gp_early_wide", "gp_rank", "gp_rank10", "gp_rank_gland",
+    "regress_gland", "regress_gland_1000", "regress_gland_long",
 )  # fmt: skip
 AIRNET_TRAINED = (*AIRNET_COMPARED, "clip", "gp_tre")  # the last two quoted from their logs (clip vs penalty; a TRE regression diverged)
 
