@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-
 from . import data
 from .evaluate import TASKS, evaluate_task, pair_metrics, summarise, versions
 from .jacobian import jacobian_volume
@@ -24,7 +23,6 @@ from .registration import Cancelled, Progress, register
 from .simulate import cli as simulate_cli
 from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
-
 
 FINETUNED = ("adversarial", "symmetric")  # networks that can be fine-tuned on the pair at hand (--finetune-steps)
 DEFAULT_MODELS = {"adversarial": "adversarial_mrus", "airnet": "airnet_mrus", "symmetric": "symmetric_hippocampus", "deformgan": "deformgan_brain"}  # --method -> shipped model
@@ -83,6 +81,20 @@ def _finetune_options(args) -> dict:
     return {"finetune_steps": args.finetune_steps, **({"similarity": args.similarity} if args.similarity else {})}
 
 
+def _schedule_options(args) -> dict:
+    """DIP's coarse-to-fine schedule and time budget, where given (the method's defaults otherwise)."""
+    given = {
+        name: value
+        for name, value in (("levels", args.levels), ("steps", args.steps), ("max_seconds", args.max_seconds))
+        if value is not None
+    }
+    if given and args.method != "dip":
+        raise VolumeError(f"--levels, --steps and --max-seconds are DIP's schedule; --method {args.method} has its own")
+    if ("levels" in given) != ("steps" in given) or len(given.get("levels", ())) != len(given.get("steps", ())):
+        raise VolumeError("give --levels and --steps together, one step count per level (e.g. --levels 2 1 --steps 200 100)")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
 def _driving_labels(args, fixed_labels, moving_labels) -> dict:
     """The label channels chosen with --label-channels, as the method's driving labels."""
     if args.label_channels is None:
@@ -109,7 +121,7 @@ def cmd_register(args) -> int:
     fixed, moving = Volume.read(fixed_path), Volume.read(moving_path)
     fixed_labels = Volume.read(fixed_labels_path) if fixed_labels_path else None
     moving_labels = Volume.read(moving_labels_path) if moving_labels_path else None
-    options = _method_options(args)
+    options = {**_method_options(args), **_schedule_options(args)}
     if args.method in ("iterative", "dip"):
         options["init"] = args.init
         if args.similarity:  # each method has its own default
@@ -128,6 +140,8 @@ def cmd_register(args) -> int:
         "fixed": str(fixed_path),
         "moving": str(moving_path),
         "seconds": result.seconds,
+        "options": {k: v for k, v in options.items() if not isinstance(v, Volume)},
+        "steps_run": len(result.history),
         "versions": versions(),
         "identity": pair_metrics(before.field, fixed, moving, fixed_labels, moving_labels),
         "registered": pair_metrics(result.field, fixed, moving, fixed_labels, moving_labels),
@@ -185,7 +199,7 @@ def cmd_evaluate(args) -> int:
         _write_json(report, args.json)
         print(json.dumps(report["summary"], indent=2))
         return 0
-    options = {**_method_options(args), **_finetune_options(args)}
+    options = {**_method_options(args), **_finetune_options(args), **_schedule_options(args)}
     report = evaluate_task(
         args.task, args.method, args.data_root, args.pairs, args.split, args.seed, options, on_pair
     )
@@ -278,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-steps", type=int, default=0,
         help="adversarial, symmetric: fine-tune a copy of the network on this pair first (with --label-channels and/or --similarity)",
     )  # fmt: skip
+    r.add_argument("--levels", type=float, nargs="+", help="dip: downsampling factor of each level, coarse to fine (default 2 1)")
+    r.add_argument("--steps", type=int, nargs="+", help="dip: optimisation steps at each level (default 200 100)")
+    r.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
     r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--passes", type=int, default=1, help="airnet: generator passes, each undoing the remaining misalignment")
     r.add_argument("--out", required=True, help="output folder")
@@ -324,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     v.add_argument("--finetune-steps", type=int, default=0, help="adversarial, symmetric: fine-tune on each pair's images first")
     v.add_argument("--similarity", choices=["lncc", "mse", "local_gradient", "mae"], help="the image similarity of --finetune-steps (default: the method's)")
+    v.add_argument("--levels", type=float, nargs="+", help="dip: downsampling factor of each level, coarse to fine (default 2 1)")
+    v.add_argument("--steps", type=int, nargs="+", help="dip: optimisation steps at each level (default 200 100)")
+    v.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
     v.add_argument("--per-pair", type=int, default=20, help="quality: known-error alignments scored per pair")
     v.add_argument("--json", help="write the full report here")
     v.set_defaults(func=cmd_evaluate)

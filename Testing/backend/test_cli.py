@@ -155,3 +155,23 @@ def test_evaluate_quality_reports_agreement_with_known_errors(tmp_path, shared_d
     assert all(r["tre_mm"] >= 0 and r["gland_error_mm"] >= 0 for r in report["pairs"])
     # the bound: how the gland error itself (what the images show) ranks the landmark TRE
     assert s["gland_error_spearman"] < -0.5 and 0.5 < s["gland_error_auroc"] <= 1
+
+
+def test_dip_schedule_and_budget_from_the_command_line(tmp_path, shared_data, capsys):
+    """--levels/--steps/--max-seconds reach DIP (what ran is in metrics.json); misuse is one line, nothing written."""
+    out = tmp_path / "dip"
+    base = ["--data-root", str(shared_data), "register", "--sample", "mrus", "--init", "centres"]
+    assert main([*base, "--method", "dip", "--levels", "4", "--steps", "6", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["options"]["levels"] == [4.0] and report["options"]["steps"] == [6] and report["steps_run"] == 6
+    assert report["registered"]["tre_rms_mm"] < report["identity"]["tre_rms_mm"]  # the centred start and six coarse steps
+    capsys.readouterr()
+    for args, message in (
+        (["--method", "dip", "--levels", "2", "1", "--steps", "100"], "one step count per level"),
+        (["--method", "dip", "--steps", "100"], "together"),
+        (["--method", "iterative", "--max-seconds", "5"], "DIP's schedule"),
+    ):
+        assert main([*base, *args, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
