@@ -72,10 +72,12 @@ STEPS: tuple[Step, ...] = (
     Step("examples", (
         "priorreg --data-root {data} register --sample mrus --method iterative --init centres --label-channels 0 "
         "--out {runs}/examples/mrus_iterative_gland",
-        "priorreg --data-root {data} register --fixed {data}/hippocampus/images/hippocampus_034.nii.gz "
-        "--moving {data}/hippocampus/images/hippocampus_039.nii.gz --fixed-labels {data}/hippocampus/labels/hippocampus_034.nii.gz "
-        "--moving-labels {data}/hippocampus/labels/hippocampus_039.nii.gz --label-channels 0 1 --method symmetric "
-        "--finetune-steps 20 --out {runs}/examples/hippocampus_finetune",
+        *(
+            "priorreg --data-root {data} register --fixed {data}/hippocampus/images/hippocampus_034.nii.gz "
+            "--moving {data}/hippocampus/images/hippocampus_039.nii.gz --fixed-labels {data}/hippocampus/labels/hippocampus_034.nii.gz "
+            f"--moving-labels {{data}}/hippocampus/labels/hippocampus_039.nii.gz --method symmetric {extra}--out {{runs}}/examples/{out}"
+            for extra, out in (("", "hippocampus_shipped"), ("--label-channels 0 1 --finetune-steps 20 ", "hippocampus_finetune"))
+        ),
     )),
     Step(
         "accuracy",
