@@ -240,11 +240,13 @@ def run(data: str, runs: str, only=(), train=False, listing=False, cuda=None) ->
         if skip:
             continue
         for command in step.commands:
-            print(shlex.join(argv(command, data, runs)) if not listing else command.format(data=data, runs=runs), flush=True)
             if listing:
+                print(command.format(data=data, runs=runs), flush=True)
                 continue
+            words = argv(command, data, runs)
+            print(shlex.join(words), flush=True)
             began = time.perf_counter()
-            status = subprocess.call(argv(command, data, runs), cwd=ROOT)
+            status = subprocess.call(words, cwd=ROOT)
             if status:
                 print(f"step {step.name} failed (exit {status}); the steps after it were not run", flush=True)
                 return status

@@ -149,7 +149,8 @@ class AirnetTrainer(TrainingRun):
         self.card = air.model_card(self.frame, n["width"], n["dims"], self.kind, d["init"], p)
         self.generator, self.critic = (m.to(self.device) for m in air.build_networks(self.card))
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=c["lr"], betas=(0.5, 0.9))
-        if c["critic"]["mode"] == "clip" and c["critic"]["wasserstein"]:  # Arjovsky et al.: momentum-free RMSProp with clipping
+        self.clipped = c["critic"]["mode"] == "clip" and c["critic"]["wasserstein"]  # a regression critic is never clipped
+        if self.clipped:  # Arjovsky et al.: momentum-free RMSProp with clipping
             self.opt_c = torch.optim.RMSprop(self.critic.parameters(), lr=c["lr"])
         else:  # Gulrajani et al.
             self.opt_c = torch.optim.Adam(self.critic.parameters(), lr=c["lr"], betas=(0.5, 0.9))
@@ -251,7 +252,7 @@ class AirnetTrainer(TrainingRun):
             self.opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             self.opt_c.step()
-            if cc["mode"] == "clip" and cc["wasserstein"]:
+            if self.clipped:
                 air.clip_weights(self.critic, cc["clip"])
         batch = self._pair_batch(self._draw(g))
         estimate = self.generator_p(batch["fixed"], batch["perturbed"])

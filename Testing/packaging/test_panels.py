@@ -78,11 +78,15 @@ def ui_names(tree: ast.AST) -> set[str]:
     }
 
 
+def widget_class(module: str) -> ast.ClassDef:
+    (widget,) = [n for n in module_source(module).body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"]
+    return widget
+
+
 def mixins(module: str) -> list[ast.ClassDef]:
     """The classes of `priorreg/slicer/panel.py` the module's widget derives from (their code names widgets too)."""
     shared = {n.name: n for n in ast.parse(PANEL.read_text()).body if isinstance(n, ast.ClassDef)}
-    (widget,) = [n for n in module_source(module).body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"]
-    return [shared[b.id] for b in widget.bases if isinstance(b, ast.Name) and b.id in shared]
+    return [shared[b.id] for b in widget_class(module).bases if isinstance(b, ast.Name) and b.id in shared]
 
 
 def code_ui_names(module: str) -> set[str]:
@@ -141,7 +145,7 @@ def test_every_widget_the_code_names_exists_with_a_plausible_class(module):
 def test_widget_uses_the_shared_panel_code_as_it_asks(module):
     """Before Slicer's widget class in the bases (its enter, exit and cleanup are the ones that run), and every
     hook the shared code leaves to the module (a method raising NotImplementedError) defined by the widget."""
-    (widget,) = [n for n in module_source(module).body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"]
+    widget = widget_class(module)
     bases = [b.id for b in widget.bases if isinstance(b, ast.Name)]
     used = mixins(module)
     assert "JobPanel" in bases, f"{module}Widget does not use priorreg.slicer.panel.JobPanel"
