@@ -23,6 +23,7 @@ from slicer.util import VTKObservationMixin
 
 from priorreg.registration import Cancelled
 from priorreg.slicer.logic import (
+    FINETUNED_NETWORKS,
     REGISTRATION_NETWORKS,
     display_outputs,
     matching_critic,
@@ -46,9 +47,10 @@ class AdversarialRegistration(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["PriorReg developers"]
         self.parent.helpText = (
-            "Deformable registration with a trained network, one forward pass: adversarial deformation "
-            "regularization (Hu et al., 2018; MR to TRUS, optionally fine-tuned on the current pair) or symmetric "
-            "spatial-gradient registration (Estienne et al., 2020; brain MR). The model's card says which. Outputs: the moving "
+            "Deformable registration with a trained network: adversarial deformation regularization (Hu et al., "
+            "2018; MR to TRUS, one forward pass, optionally fine-tuned on the current pair), MR to TRUS through the gland "
+            "(trained segmenters outline it in both images, the outlines are registered; segmentations given replace them) "
+            "or symmetric spatial-gradient registration (Estienne et al., 2020; brain MR). The model's card says which. Outputs: the moving "
             "volume warped onto the fixed grid, a grid transform usable on segmentations and markups, the "
             "Jacobian determinant map (folding in yellow) and a metrics table."
         )
@@ -152,9 +154,11 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
     ):
         """Register `moving` to `fixed`; returns `priorreg.slicer.RegistrationOutputs` (the new nodes).
 
-        `model`: a shipped model name or a `.safetensors` path; its card's method (adversarial or
-        symmetric) is run. `finetune_steps` > 0 first tunes a copy of an adversarial network on this
-        pair, on the segmentations (both needed). `quality_model`: the AIR-net critic that scores the
+        `model`: a shipped model name or a `.safetensors` path; its card's method (adversarial,
+        symmetric, or glands: segment the gland in both images, register the segmentations) is run.
+        `finetune_steps` > 0 first tunes a copy of an adversarial or symmetric network on this
+        pair, on the segmentations (both needed); a glands model takes the segmentations' first
+        segments as the glands, in place of its own. `quality_model`: the AIR-net critic that scores the
         result (`outputs.quality`); by default a shipped critic trained on the model's data set, none
         where there is no such critic; None: no score. Raises `ValueError` for unusable inputs and
         `Cancelled` when `cancel()` returns True; either way the scene is left as it was.
@@ -163,6 +167,8 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
         method = card.get("method")
         if method not in REGISTRATION_NETWORKS:
             raise ValueError(f"model '{model}' is a {method!r} model; choose a registration network ({', '.join(REGISTRATION_NETWORKS)})")
+        if finetune_steps and method not in FINETUNED_NETWORKS:
+            raise ValueError(f"model '{model}' is a {method!r} model; fine-tuning is for {' and '.join(FINETUNED_NETWORKS)} networks")
         if quality_model == MATCHING_CRITIC:
             quality_model = matching_critic(card)
         options = {"model": model, "device": device}

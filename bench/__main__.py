@@ -62,6 +62,7 @@ ONLY_ON = {
     "airnet": {"mrus_prostate"},
     "symmetric": {"hippocampus"},
     "deformgan": {"brain_t1t2"},
+    "glands": {"mrus_prostate"},
     "voxelmorph": {"hippocampus"},
 }
 COLUMNS = {

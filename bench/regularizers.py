@@ -110,11 +110,17 @@ def ship(results: Path, variant: str, name: str, dest: Path, baselines: list[Pat
         ("gland_dice_median_iqr" if mrus else "dice_median_iqr"): _median_iqr(dice),
         "baselines": {
             **{k: reports[k]["summary"] for k in ("identity", "centres") if k in reports and "pairs" not in reports},
-            **{b["method"]: b["summary"] for b in (_baseline(path, report) for path in baselines)},
+            **{_baseline_name(b): b["summary"] for b in (_baseline(path, report) for path in baselines)},
         },
         "source": f"evaluation report {Path(results).name}",
     }
     return save_model(dest / f"{name}.safetensors", tensors, card)
+
+
+def _baseline_name(report: dict) -> str:
+    """The method, and the expert labels it was given where it was (a label-driven reference, not a method)."""
+    channels = report.get("label_channels")
+    return report["method"] if not channels else f"{report['method']} with expert label channels {channels}"
 
 
 def _baseline(path: Path, report: dict) -> dict:

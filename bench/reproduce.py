@@ -68,7 +68,10 @@ def _evaluate(task: str, method: str, json_path: str, split: str = "test", extra
 TRAIN, CUDA = frozenset({"train"}), frozenset({"cuda"})
 STEPS: tuple[Step, ...] = (
     # ---------------------------------------------------------------- from the shipped models and the peers
-    Step("demo", ("priorreg --data-root {data} register --sample mrus --method adversarial --out {runs}/examples/mrus_demo",)),  # README
+    Step("demo", tuple(  # README: the first command, and the adversarial network on the same pair
+        f"priorreg --data-root {{data}} register --sample mrus --method {method} --out {{runs}}/examples/mrus_demo{suffix}"
+        for method, suffix in (("glands", ""), ("adversarial", "_adversarial"))
+    )),
     Step("examples", (
         "priorreg --data-root {data} register --sample mrus --method iterative --init centres --label-channels 0 "
         "--out {runs}/examples/mrus_iterative_gland",
@@ -86,7 +89,9 @@ STEPS: tuple[Step, ...] = (
     ),
     Step(
         "speed",
-        (f"python -m bench speed --methods {ALL_METHODS} --sizes {ALL_SIZES} --repeats 3 --data-root {{data}} --out {RESULTS}",),
+        (f"python -m bench speed --methods {ALL_METHODS} --sizes {ALL_SIZES} --repeats 3 --data-root {{data}} --out {RESULTS}",
+         # the MR-US segmenters apply only to MR-US pairs: timed at their size
+         f"python -m bench speed --methods glands --sizes mrus --repeats 3 --merge --data-root {{data}} --out {RESULTS}"),
         writes=(f"{RESULTS}/speed.json", f"{RESULTS}/speed.md", f"{RESULTS}/speed.png"),
     ),
     Step(
@@ -106,6 +111,17 @@ STEPS: tuple[Step, ...] = (
             )
         ),
         writes=(f"{RESULTS}/symmetric_hippocampus_test_*.json",),
+    ),
+    Step(
+        "glands_test",  # MR-US test patients: centring, the adversarial network, predicted glands, the expert glands (oracle)
+        tuple(
+            _evaluate("mrus_prostate", method, f"{RESULTS}/mrus_test_{name}.json", extra=extra)
+            for name, method, extra in (
+                ("centres", "centres", ""), ("adversarial", "adversarial", ""), ("glands", "glands", ""),
+                ("gland_oracle", "glands", " --label-channels 0"),  # the expert glands in place of the predicted
+            )
+        ),
+        writes=(f"{RESULTS}/mrus_test_*.json",),
     ),
     Step(
         "quality",  # the shipped critic against known errors, and the bound any score of the images has (gland error)
@@ -160,6 +176,21 @@ STEPS: tuple[Step, ...] = (
         writes=(f"{RESULTS}/symmetric_logs/shipped_log.csv",),
         needs=TRAIN,
         copies=(("{runs}/symmetric_hippocampus/log.csv", f"{RESULTS}/symmetric_logs/shipped_log.csv"),),
+    ),
+    Step(
+        "glands",  # the shipped glands_mrus segmenters (two-network ensembles) and the single-network run before them
+        tuple(
+            command
+            for run in ("glands_mrus", "glands_mrus_single")
+            for command in (
+                _train(run, run),
+                *(_evaluate("mrus_prostate", "glands", f"{RESULTS}/glands_logs/{run}_{split}.json", split,
+                            f" --model {{runs}}/{run}/{run}.safetensors") for split in ("val", "test")),  # fmt: skip
+            )
+        ),
+        writes=(f"{RESULTS}/glands_logs/*",),
+        needs=TRAIN,
+        copies=tuple((f"{{runs}}/{run}/log.csv", f"{RESULTS}/glands_logs/{run}_log.csv") for run in ("glands_mrus", "glands_mrus_single")),
     ),
     Step(
         "voxelmorph",  # the VoxelMorph peer of the hippocampus suite, trained with its own recipe

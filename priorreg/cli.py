@@ -25,7 +25,14 @@ from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
 
 FINETUNED = ("adversarial", "symmetric")  # networks that can be fine-tuned on the pair at hand (--finetune-steps)
-DEFAULT_MODELS = {"adversarial": "adversarial_mrus", "airnet": "airnet_mrus", "symmetric": "symmetric_hippocampus", "deformgan": "deformgan_brain"}  # --method -> shipped model
+LABEL_DRIVEN = ("iterative", "dip", "glands")  # methods that take segmentations to align (--label-channels)
+DEFAULT_MODELS = {  # --method -> shipped model
+    "adversarial": "adversarial_mrus",
+    "airnet": "airnet_mrus",
+    "symmetric": "symmetric_hippocampus",
+    "deformgan": "deformgan_brain",
+    "glands": "glands_mrus",
+}
 
 
 def _progress_bar(total_desc: str):
@@ -43,17 +50,6 @@ def _progress_bar(total_desc: str):
             bar.close()
 
     return update
-
-
-def _select_channels(labels: Volume | None, channels: list[int] | None) -> Volume | None:
-    """The label channels that drive a registration (e.g. the gland, channel 0, never the landmarks)."""
-    if labels is None or channels is None:
-        return None
-    if labels.array.ndim != 4:
-        return labels
-    if max(channels) >= labels.channels:
-        raise VolumeError(f"{labels.source}: has {labels.channels} channels, asked for {channels}")
-    return labels.with_array(labels.array[channels])
 
 
 def _write_json(obj, path: str | None) -> None:
@@ -100,8 +96,8 @@ def _driving_labels(args, fixed_labels, moving_labels) -> dict:
     if args.label_channels is None:
         return {}
     chosen = {
-        "fixed_labels": _select_channels(fixed_labels, args.label_channels),
-        "moving_labels": _select_channels(moving_labels, args.label_channels),
+        "fixed_labels": data.select_channels(fixed_labels, args.label_channels),
+        "moving_labels": data.select_channels(moving_labels, args.label_channels),
     }
     if chosen["fixed_labels"] is None or chosen["moving_labels"] is None:
         raise VolumeError("--label-channels needs both fixed and moving labels")
@@ -129,6 +125,12 @@ def cmd_register(args) -> int:
         options.update(_driving_labels(args, fixed_labels, moving_labels))
     elif args.method == "airnet":
         options["passes"] = args.passes
+    elif args.method == "glands":  # a gland segmentation the user has replaces that image's prediction
+        chosen = {
+            "fixed_labels": data.select_channels(fixed_labels, args.label_channels),
+            "moving_labels": data.select_channels(moving_labels, args.label_channels),
+        }
+        options.update({k: v for k, v in chosen.items() if v is not None})
     elif args.method in FINETUNED and args.finetune_steps:
         options.update(_finetune_options(args))
         options.update(_driving_labels(args, fixed_labels, moving_labels))
@@ -200,13 +202,24 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(report["summary"], indent=2))
         return 0
     options = {**_method_options(args), **_finetune_options(args), **_schedule_options(args)}
-    report = evaluate_task(
-        args.task, args.method, args.data_root, args.pairs, args.split, args.seed, options, on_pair
-    )
-    if "model" in options:
+    if args.init:
+        if args.method not in ("iterative", "dip"):
+            raise VolumeError(f"--init is for iterative and dip; --method {args.method} has its own")
+        options["init"] = args.init
+    if args.label_channels is not None and args.method not in LABEL_DRIVEN:
+        raise VolumeError(f"--label-channels: --method {args.method} is not driven by labels (methods that are: {', '.join(LABEL_DRIVEN)})")
+    if args.method == "glands" and args.label_channels is not None:
+        del options["model"]  # both expert glands given: no segmenter runs
+    model = None
+    if "model" in options:  # before any pair is registered: a wrong name fails now, not after the run
         from .models import resolve_model
 
-        report["model"] = str(resolve_model(options["model"]))
+        model = str(resolve_model(options["model"]))
+    report = evaluate_task(
+        args.task, args.method, args.data_root, args.pairs, args.split, args.seed, options, on_pair,
+        label_channels=args.label_channels,
+    )  # fmt: skip
+    report["model"] = model
     _write_json(report, args.json)
     print(json.dumps(report["summary"], indent=2))
     return 0
@@ -286,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: lncc for iterative and symmetric fine-tuning, mae for dip (the paper's), none for adversarial fine-tuning",
     )
     r.add_argument("--init", default="geometry", choices=["geometry", "centres"], help="iterative, dip (adversarial: its card's)")
-    r.add_argument("--label-channels", type=int, nargs="+", help="label channels that drive the registration, e.g. 0 (gland)")
+    r.add_argument(
+        "--label-channels", type=int, nargs="+",
+        help="label channels that drive the registration, e.g. 0 (gland); glands: the gland segmentation(s) to use in place of the predicted",
+    )  # fmt: skip
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument(
         "--finetune-steps", type=int, default=0,
@@ -344,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--levels", type=float, nargs="+", help="dip: downsampling factor of each level, coarse to fine (default 2 1)")
     v.add_argument("--steps", type=int, nargs="+", help="dip: optimisation steps at each level (default 200 100)")
     v.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
+    v.add_argument("--init", choices=["geometry", "centres"], help="iterative, dip: the starting alignment (default: the method's)")
+    v.add_argument(
+        "--label-channels", type=int, nargs="+",
+        help="iterative, dip, glands: each pair's expert label channels drive the registration (an oracle for comparison, not a method)",
+    )  # fmt: skip
     v.add_argument("--per-pair", type=int, default=20, help="quality: known-error alignments scored per pair")
     v.add_argument("--json", help="write the full report here")
     v.set_defaults(func=cmd_evaluate)

@@ -107,6 +107,20 @@ def binary_channels(volume: Volume) -> Volume:
     return out
 
 
+def select_channels(labels: Volume | None, channels: Sequence[int] | None) -> Volume | None:
+    """The label channels that drive a registration (e.g. the MR-US gland, channel 0, never the landmarks).
+
+    4D labels keep `channels`; an integer label map is returned whole. None where either is None.
+    """
+    if labels is None or channels is None:
+        return None
+    if labels.array.ndim != 4:
+        return labels
+    if max(channels) >= labels.channels:
+        raise ValueError(f"{labels.source}: has {labels.channels} channels, asked for {list(channels)}")
+    return labels.with_array(labels.array[list(channels)])
+
+
 # ------------------------------------------------------------------------------------ splitting
 def split_groups(
     groups: Sequence[str], val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0

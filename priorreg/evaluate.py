@@ -134,18 +134,21 @@ def evaluate_task(
     seed: int = 0,
     options: dict | None = None,
     on_pair: Callable[[int, int, dict], None] | None = None,
-    registrar: Callable[[Volume, Volume], Volume] | None = None,
+    registrar: Callable[..., Volume] | None = None,
+    label_channels: list[int] | None = None,
 ) -> dict:
     """Register every pair of `task` (or a seeded sample of `n_pairs`) and score it.
 
     `registrar(fixed, moving) -> field` replaces PriorReg's own `method` (the
     benchmarks pass peers such as ANTs or elastix through here, so every tool
-    is scored by the same code on the same pairs).
+    is scored by the same code on the same pairs). `label_channels`: the method is
+    also given those channels of each pair's expert labels to align (e.g. the MR-US
+    gland, 0): a label-driven reference to compare methods with, recorded in the report.
     """
     if registrar is None:
 
-        def registrar(fixed, moving):
-            return register(fixed, moving, method=method, **(options or {})).field
+        def registrar(fixed, moving, **labels):
+            return register(fixed, moving, method=method, **(options or {}), **labels).field
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
@@ -171,8 +174,16 @@ def evaluate_task(
     results = []
     for index, pair in enumerate(pairs):
         v = pair.load()
+        driving = {}
+        if label_channels is not None:
+            driving = {
+                "fixed_labels": data.select_channels(v.fixed_labels, label_channels),
+                "moving_labels": data.select_channels(v.moving_labels, label_channels),
+            }
+            if driving["fixed_labels"] is None or driving["moving_labels"] is None:
+                raise ValueError(f"label_channels: pair {pair.id} of task {task} has no labels to drive the registration")
         start = time.perf_counter()
-        field = registrar(v.fixed, v.moving)
+        field = registrar(v.fixed, v.moving, **driving)
         seconds = time.perf_counter() - start
         row = {"id": pair.id, "fixed": pair.fixed.name, "moving": pair.moving.name, "seconds": seconds}
         row.update(pair_metrics(field, v.fixed, v.moving, v.fixed_labels, v.moving_labels, intensity))
@@ -189,6 +200,7 @@ def evaluate_task(
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "versions": versions(),
         "options": options or {},
+        "label_channels": label_channels,  # expert labels the method was given (None: images only)
         "split": split,
         "pairs": results,
         "summary": summarise(results),

@@ -1,6 +1,6 @@
 """`priorreg train CONFIG.yaml`: seeded, resumable, data-parallel training (the adversarial method here;
-`method: airnet`, `method: symmetric` and `method: deformgan` configs go to `train_airnet.py`,
-`train_symmetric.py` and `train_deformgan.py`).
+`method: airnet`, `method: symmetric`, `method: deformgan` and `method: glands` configs go to
+`train_airnet.py`, `train_symmetric.py`, `train_deformgan.py` and `train_glands.py`).
 
 - The config is YAML over `DEFAULTS` (unknown keys are an error, not a silent default).
 - Reproducible: the networks are initialised from `seed`, and everything random in
@@ -106,8 +106,12 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> dict:
         from . import train_deformgan
 
         return train_deformgan.check_config(_merge(train_deformgan.DEFAULTS, {**given, **overrides}))
+    if given.get("method") == "glands":
+        from . import train_glands
+
+        return train_glands.check_config(_merge(train_glands.DEFAULTS, {**given, **overrides}))
     if given.get("method", "adversarial") != "adversarial":
-        raise ConfigError(f"method must be 'adversarial', 'airnet', 'symmetric' or 'deformgan', got {given['method']!r}")
+        raise ConfigError(f"method must be 'adversarial', 'airnet', 'symmetric', 'deformgan' or 'glands', got {given['method']!r}")
     config = _merge(DEFAULTS, {**given, **overrides})
     if config["regularizer"] not in adv.REGULARIZERS:
         raise ConfigError(f"regularizer must be one of {adv.REGULARIZERS}, got {config['regularizer']!r}")
@@ -522,6 +526,8 @@ def train(config: dict, out, progress=None, cancel=None) -> dict:
         from .train_symmetric import SymmetricTrainer as trainer
     elif config["method"] == "deformgan":
         from .train_deformgan import DeformGANTrainer as trainer
+    elif config["method"] == "glands":
+        from .train_glands import GlandsTrainer as trainer
     else:
         trainer = Trainer
     return trainer(config, out, progress, cancel).run()

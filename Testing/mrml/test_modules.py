@@ -484,3 +484,21 @@ def test_dip_panel_schedule_text_is_parsed_or_rejected_clearly():
     for levels, steps, message in (("4, x", "1, 2", "numbers separated"), ("0.5", "10", ">= 1"), ("2, 1", "30", "one count per level")):
         with pytest.raises(ValueError, match=message):
             logic.parse_schedule(levels, steps)
+
+
+# ------------------------------------------------------------------------------ predicted glands
+def test_the_glands_model_is_offered_and_registers_from_the_images_alone(pair, shared_data):
+    assert "glands_mrus" in logic.registration_models()
+    assert "validation gland Dice" in logic.model_summary(logic.model_card("glands_mrus"))
+    before = node_ids(pair.scene)
+    outputs = register_nodes(pair.fixed, pair.moving, "glands", {"model": "glands_mrus", "device": "cpu"}, scene=pair.scene)
+    assert outputs.result.method == "glands" and outputs.warped_segmentation is None
+    assert len(node_ids(pair.scene)) > len(before)
+    # the transform node's field is the backend's, and it aligns the expert glands it never saw
+    v = data.split_by_patient(data.mrus_pairs(shared_data))["test"][0].load()
+    field = field_from_transform_node(outputs.transform, Grid.of(v.fixed))
+    assert np.abs(field.array - outputs.result.field.array).max() < 1e-3
+    gland = data.binary_channels(v.moving_labels).channel(0)
+    warped = resample(gland, v.fixed, field)
+    dice = metrics.dice(data.binary_channels(v.fixed_labels).channel(0), warped, labels=[1])[1]
+    assert dice > 0.8

@@ -9,6 +9,7 @@ from .airnet import register_airnet
 from .baselines import register_centres, register_identity
 from .deformgan import register_deformgan
 from .dip import register_dip
+from .glands import register_glands
 from .iterative import register_iterative
 from .symmetric import register_symmetric
 
@@ -21,4 +22,5 @@ METHODS = {
     "airnet": register_airnet,
     "symmetric": register_symmetric,
     "deformgan": register_deformgan,
+    "glands": register_glands,
 }

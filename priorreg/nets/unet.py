@@ -9,7 +9,9 @@ which is linear (a displacement has a sign).
 
 Initialisation, as in seed 003: every weight ~ N(0, 0.01) (std 0.01), biases 0.
 With such small weights the output starts close to 0, i.e. the optimisation
-starts near the identity warp.
+starts near the identity warp. `init_std=None` keeps PyTorch's default
+initialisation instead: the gland segmenters (`methods/glands.py`) are trained
+networks, and N(0, 0.01) weights make a deep stack's activations vanish.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class UNet3D(nn.Module):
     stride-2 level (so `(16, 32, 32, 32)` downsamples three times, to 1/8).
     """
 
-    def __init__(self, in_channels: int = 8, out_channels: int = 3, channels=(16, 32, 32, 32), init_std: float = 0.01):
+    def __init__(self, in_channels: int = 8, out_channels: int = 3, channels=(16, 32, 32, 32), init_std: float | None = 0.01):
         super().__init__()
         channels = tuple(channels)
         self.inc = _block(in_channels, channels[0])
@@ -38,7 +40,8 @@ class UNet3D(nn.Module):
         # Decoder level l takes the upsampled level l+1 (width channels[l+1]) plus the skip (channels[l]).
         self.up = nn.ModuleList(_block(channels[i + 1] + channels[i], channels[i]) for i in range(len(channels) - 1))
         self.out = nn.Conv3d(channels[0], out_channels, 3, padding=1)
-        self.reset_parameters(init_std)
+        if init_std is not None:
+            self.reset_parameters(init_std)
 
     def reset_parameters(self, std: float = 0.01) -> None:
         """Seed 003's initialisation: weights ~ N(0, std), biases zero."""

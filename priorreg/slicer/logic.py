@@ -37,8 +37,10 @@ JACOBIAN_COLORS = 256
 FOLDING_RGB = (1.0, 0.9, 0.0)  # yellow: apart from both ends of the blue-white-red scale
 _SHRINK_RGB, _KEEP_RGB, _GROW_RGB = np.array([0.23, 0.30, 0.75]), np.array([0.97, 0.97, 0.97]), np.array([0.71, 0.02, 0.15])
 
-# Model-card methods of the trained networks the registration panel offers (the card says which to run).
-REGISTRATION_NETWORKS = ("adversarial", "symmetric")
+# Model-card methods of the trained networks the registration panel offers (the card says which to run),
+# and those of them that can be fine-tuned on the pair at hand.
+REGISTRATION_NETWORKS = ("adversarial", "symmetric", "glands")
+FINETUNED_NETWORKS = ("adversarial", "symmetric")
 
 # Passed by register_nodes itself, never through `options`.
 _RESERVED_OPTIONS = ("fixed_labels", "moving_labels", "progress", "cancel")
@@ -234,7 +236,12 @@ def model_summary(card: dict) -> str:
     final = training.get("final_log") or {}
     scores = [
         f"{label} {final[key]:{fmt}}"
-        for key, label, fmt in (("val_dice", "validation Dice", ".2f"), ("val_tre_median_mm", "median TRE (mm)", ".1f"))
+        for key, label, fmt in (
+            ("val_dice", "validation Dice", ".2f"),
+            ("val_tre_median_mm", "median TRE (mm)", ".1f"),
+            ("val_dice_fixed", "validation gland Dice, fixed", ".2f"),
+            ("val_dice_moving", "moving", ".2f"),
+        )
         if isinstance(final.get(key), (int, float))
     ]
     return "; ".join(parts + scores)
