@@ -91,15 +91,21 @@ def _schedule_options(args) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
 
 
-def _driving_labels(args, fixed_labels, moving_labels) -> dict:
-    """The label channels chosen with --label-channels, as the method's driving labels."""
+def _chosen_labels(args, fixed_labels, moving_labels) -> dict:
+    """The labels given, restricted to --label-channels (none without it; an error with it and no labels)."""
     if args.label_channels is None:
         return {}
-    chosen = {
-        "fixed_labels": data.select_channels(fixed_labels, args.label_channels),
-        "moving_labels": data.select_channels(moving_labels, args.label_channels),
-    }
-    if chosen["fixed_labels"] is None or chosen["moving_labels"] is None:
+    given = {"fixed_labels": fixed_labels, "moving_labels": moving_labels}
+    chosen = {k: data.select_channels(v, args.label_channels) for k, v in given.items() if v is not None}
+    if not chosen:
+        raise VolumeError("--label-channels needs --fixed-labels and/or --moving-labels")
+    return chosen
+
+
+def _driving_labels(args, fixed_labels, moving_labels) -> dict:
+    """The label channels chosen with --label-channels, as the method's driving labels."""
+    chosen = _chosen_labels(args, fixed_labels, moving_labels)
+    if chosen and len(chosen) < 2:
         raise VolumeError("--label-channels needs both fixed and moving labels")
     return chosen
 
@@ -126,11 +132,7 @@ def cmd_register(args) -> int:
     elif args.method == "airnet":
         options["passes"] = args.passes
     elif args.method == "glands":  # a gland segmentation the user has replaces that image's prediction
-        chosen = {
-            "fixed_labels": data.select_channels(fixed_labels, args.label_channels),
-            "moving_labels": data.select_channels(moving_labels, args.label_channels),
-        }
-        options.update({k: v for k, v in chosen.items() if v is not None})
+        options.update(_chosen_labels(args, fixed_labels, moving_labels))
     elif args.method in FINETUNED and args.finetune_steps:
         options.update(_finetune_options(args))
         options.update(_driving_labels(args, fixed_labels, moving_labels))

@@ -153,6 +153,13 @@ def test_register_from_the_command_line_with_the_planning_contour(tmp_path, shar
     assert images_only["method"] == "glands" and (out / "warped.nii.gz").exists()
     # both expert glands given: the label-only "oracle", which fits the glands better than predictions can
     assert both["registered"]["dice_mean"] > images_only["registered"]["dice_mean"] > images_only["identity"]["dice_mean"]
+    # the planning case: only the MR contour is at hand; the ultrasound gland is predicted
+    contour_only = ["--moving-labels", str(pair.moving_labels), "--label-channels", "0"]
+    plain = [a for a in args if a not in ("--fixed-labels", str(pair.fixed_labels), "--moving-labels", str(pair.moving_labels))]
+    assert main([*plain[:-1], str(tmp_path / "contour"), *contour_only]) == 0
+    assert json.loads((tmp_path / "contour" / "metrics.json").read_text())["method"] == "glands"
+    assert main([*plain[:-1], str(tmp_path / "none"), "--label-channels", "0"]) == 2
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize(
