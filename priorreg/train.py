@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -173,16 +173,30 @@ def covering_spacing(pairs: list[data.Pair], shape) -> float:
 
 
 # ----------------------------------------------------------------------------------------- data
+class PatientSplit(NamedTuple):
+    """A config's pairs split by patient: every split, the training pairs used, and each split's patients (for the card)."""
+
+    splits: dict[str, list[data.Pair]]
+    train: list[data.Pair]
+    groups: dict[str, list[str]]
+
+
+def patient_split(config: dict) -> PatientSplit:
+    """`data.split_by_patient` with the config's fractions and seed; the training pairs cut to `data.limit` (tests)."""
+    d = config["data"]
+    splits = data.split_by_patient(training_pairs(config), d["val_fraction"], d["test_fraction"], d["split_seed"])
+    train = splits["train"][: d["limit"]] if d["limit"] else splits["train"]
+    if not train:
+        raise ConfigError("no training pairs: check data.root and the split fractions")
+    return PatientSplit(splits, train, {name: sorted({g for p in pairs for g in p.groups}) for name, pairs in splits.items()})
+
+
 class TrainingSet:
     """The training pairs in the model frame (tensors), and the validation pairs as Volumes."""
 
     def __init__(self, config: dict, frame: adv.ModelFrame):
         d = config["data"]
-        splits = data.split_by_patient(training_pairs(config), d["val_fraction"], d["test_fraction"], d["split_seed"])
-        train = splits["train"][: d["limit"]] if d["limit"] else splits["train"]
-        if not train:
-            raise ConfigError("no training pairs: check data.root and the split fractions")
-        self.groups = {name: sorted({g for p in pairs for g in p.groups}) for name, pairs in splits.items()}
+        splits, train, self.groups = patient_split(config)
         self.train_ids = [p.id for p in train]
         framed = []
         for pair in train:

@@ -17,12 +17,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import data, quality
+from . import quality
 from .methods import airnet as air
 from .methods.adversarial import ModelFrame
 from .reference import cached_reference
 from .spatial import sample
-from .train import ConfigError, TrainingRun
+from .train import ConfigError, TrainingRun, patient_split
 
 DEFAULTS: dict = {
     "name": "airnet_mrus",
@@ -134,12 +134,9 @@ class AirnetTrainer(TrainingRun):
     def setup(self) -> None:
         c = self.config
         d = c["data"]
-        splits = data.split_by_patient(data.mrus_pairs(d["root"]), d["val_fraction"], d["test_fraction"], d["split_seed"])
-        train = splits["train"][: d["limit"]] if d["limit"] else splits["train"]
-        if not train:
-            raise ConfigError("no training pairs: check data.root and the split fractions")
+        splits, train, groups = patient_split(c)
         self.data = FramedPairs(train, self.frame, d["init"])
-        self.data.groups = {name: sorted({g for p in pairs for g in p.groups}) for name, pairs in splits.items()}
+        self.data.groups = groups
         self.data.train_ids = self.data.ids
         self.val_pairs = splits["val"][: d["limit"]] if d["limit"] else splits["val"]
         self.val = FramedPairs(self.val_pairs, self.frame, d["init"]) if self.val_pairs else None

@@ -32,7 +32,7 @@ from .methods import glands as gl
 from .methods.adversarial import ModelFrame, points_through, standardise
 from .methods.airnet import rotation_matrix
 from .spatial import sample
-from .train import ConfigError, TrainingRun, training_pairs
+from .train import ConfigError, TrainingRun, patient_split
 
 DEFAULTS: dict = {
     "name": "glands_mrus",
@@ -78,22 +78,29 @@ class GlandLosses:
 class RoleImages:
     """One modality's distinct training images (standardised) and expert glands, each on its own grid."""
 
-    def __init__(self, pairs: list[data.Pair], role: str):
+    def __init__(self):
         self.images, self.glands, self.grids = [], [], []
-        seen = set()
-        for pair in pairs:
-            path = getattr(pair, role)
-            if path in seen:  # observations of one patient may share the MR file
-                continue
-            seen.add(path)
-            v = pair.load()
-            image = getattr(v, role)
-            self.images.append(torch.as_tensor(standardise(image).array, dtype=torch.float32)[None, None])
-            self.glands.append(torch.as_tensor(data.binary_channels(getattr(v, f"{role}_labels")).array[:1], dtype=torch.float32)[None])
-            self.grids.append(Grid.of(image))
+
+    def add(self, image, labels) -> None:
+        self.images.append(torch.as_tensor(standardise(image).array, dtype=torch.float32)[None, None])
+        self.glands.append(torch.as_tensor(data.binary_channels(labels).array[:1], dtype=torch.float32)[None])
+        self.grids.append(Grid.of(image))
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+def role_images(pairs: list[data.Pair]) -> dict[str, RoleImages]:
+    """Both modalities' distinct images, each pair read once (observations of one patient may share the MR file)."""
+    roles = {role: RoleImages() for role in gl.ROLES}
+    seen = set()
+    for pair in pairs:
+        v = pair.load()
+        for role in gl.ROLES:
+            if (role, getattr(pair, role)) not in seen:
+                seen.add((role, getattr(pair, role)))
+                roles[role].add(getattr(v, role), getattr(v, f"{role}_labels"))
+    return roles
 
 
 @dataclass
@@ -142,16 +149,8 @@ class GlandsTrainer(TrainingRun):
 
     def setup(self) -> None:
         c = self.config
-        d = c["data"]
-        splits = data.split_by_patient(training_pairs(c), d["val_fraction"], d["test_fraction"], d["split_seed"])
-        train = splits["train"][: d["limit"]] if d["limit"] else splits["train"]
-        if not train:
-            raise ConfigError("no training pairs: check data.root and the split fractions")
-        self.data = TrainingImages(
-            {role: RoleImages(train, role) for role in gl.ROLES},
-            {name: sorted({g for p in pairs for g in p.groups}) for name, pairs in splits.items()},
-            [p.id for p in train],
-        )
+        splits, train, groups = patient_split(c)
+        self.data = TrainingImages(role_images(train), groups, [p.id for p in train])
         self.val = splits["val"]
         mf = c["moving_frame"]
         self.frames = {"fixed": self.frame, "moving": ModelFrame(tuple(mf["shape"]), mf["spacing"], 0)}
