@@ -113,12 +113,13 @@ STEPS: tuple[Step, ...] = (
         writes=(f"{RESULTS}/symmetric_hippocampus_test_*.json",),
     ),
     Step(
-        "glands_test",  # MR-US test patients: centring, the adversarial network, predicted glands, the expert glands (oracle)
+        "glands_test",  # MR-US test patients: centring, the adversarial network, predicted glands, expert glands given
         tuple(
             _evaluate("mrus_prostate", method, f"{RESULTS}/mrus_test_{name}.json", extra=extra)
             for name, method, extra in (
                 ("centres", "centres", ""), ("adversarial", "adversarial", ""), ("glands", "glands", ""),
                 ("gland_oracle", "glands", " --label-channels 0"),  # the expert glands in place of the predicted
+                ("glands_planning", "glands", " --label-channels 0 --label-roles moving"),  # the MR's given, the US's predicted
             )
         ),
         writes=(f"{RESULTS}/mrus_test_*.json",),

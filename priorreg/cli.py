@@ -210,7 +210,13 @@ def cmd_evaluate(args) -> int:
         options["init"] = args.init
     if args.label_channels is not None and args.method not in LABEL_DRIVEN:
         raise VolumeError(f"--label-channels: --method {args.method} is not driven by labels (methods that are: {', '.join(LABEL_DRIVEN)})")
-    if args.method == "glands" and args.label_channels is not None:
+    if args.label_roles is not None:
+        if args.label_channels is None:
+            raise VolumeError("--label-roles says whose expert labels --label-channels takes: give --label-channels too")
+        if len(set(args.label_roles)) < 2 and args.method != "glands":
+            raise VolumeError(f"--label-roles {args.label_roles[0]}: --method {args.method} needs both images' labels (only glands predicts the other)")
+    roles = tuple(dict.fromkeys(args.label_roles or ("fixed", "moving")))
+    if args.method == "glands" and args.label_channels is not None and len(roles) == 2:
         del options["model"]  # both expert glands given: no segmenter runs
     model = None
     if "model" in options:  # before any pair is registered: a wrong name fails now, not after the run
@@ -219,7 +225,7 @@ def cmd_evaluate(args) -> int:
         model = str(resolve_model(options["model"]))
     report = evaluate_task(
         args.task, args.method, args.data_root, args.pairs, args.split, args.seed, options, on_pair,
-        label_channels=args.label_channels,
+        label_channels=args.label_channels, label_roles=roles,
     )  # fmt: skip
     report["model"] = model
     _write_json(report, args.json)
@@ -366,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--label-channels", type=int, nargs="+",
         help="iterative, dip, glands: each pair's expert label channels drive the registration (an oracle for comparison, not a method)",
+    )  # fmt: skip
+    v.add_argument(
+        "--label-roles", nargs="+", choices=["fixed", "moving"],
+        help="whose expert labels --label-channels gives (default both); glands: 'moving' is the MR planning contour, the ultrasound gland predicted",
     )  # fmt: skip
     v.add_argument("--per-pair", type=int, default=20, help="quality: known-error alignments scored per pair")
     v.add_argument("--json", help="write the full report here")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -136,6 +136,7 @@ def evaluate_task(
     on_pair: Callable[[int, int, dict], None] | None = None,
     registrar: Callable[..., Volume] | None = None,
     label_channels: list[int] | None = None,
+    label_roles: Sequence[str] = ("fixed", "moving"),
 ) -> dict:
     """Register every pair of `task` (or a seeded sample of `n_pairs`) and score it.
 
@@ -144,7 +145,11 @@ def evaluate_task(
     is scored by the same code on the same pairs). `label_channels`: the method is
     also given those channels of each pair's expert labels to align (e.g. the MR-US
     gland, 0): a label-driven reference to compare methods with, recorded in the report.
+    `label_roles` limits that to one image's labels (`("moving",)`: the MR planning contour
+    of a fusion biopsy, the ultrasound gland left to the method; only `glands` takes one).
     """
+    if not label_roles or set(label_roles) - {"fixed", "moving"}:
+        raise ValueError(f"label_roles: 'fixed' and/or 'moving', got {list(label_roles)}")
     if registrar is None:
 
         def registrar(fixed, moving, **labels):
@@ -176,11 +181,8 @@ def evaluate_task(
         v = pair.load()
         driving = {}
         if label_channels is not None:
-            driving = {
-                "fixed_labels": data.select_channels(v.fixed_labels, label_channels),
-                "moving_labels": data.select_channels(v.moving_labels, label_channels),
-            }
-            if driving["fixed_labels"] is None or driving["moving_labels"] is None:
+            driving = {f"{r}_labels": data.select_channels(getattr(v, f"{r}_labels"), label_channels) for r in label_roles}
+            if any(labels is None for labels in driving.values()):
                 raise ValueError(f"label_channels: pair {pair.id} of task {task} has no labels to drive the registration")
         start = time.perf_counter()
         field = registrar(v.fixed, v.moving, **driving)
@@ -201,6 +203,7 @@ def evaluate_task(
         "versions": versions(),
         "options": options or {},
         "label_channels": label_channels,  # expert labels the method was given (None: images only)
+        "label_roles": list(label_roles) if label_channels is not None else None,  # whose expert labels
         "split": split,
         "pairs": results,
         "summary": summarise(results),

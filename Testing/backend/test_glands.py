@@ -11,7 +11,7 @@ import yaml
 
 from priorreg import data, metrics
 from priorreg.cli import main
-from priorreg.evaluate import pair_metrics
+from priorreg.evaluate import evaluate_task, pair_metrics
 from priorreg.methods import METHODS
 from priorreg.methods import glands as gl
 from priorreg.methods.adversarial import standardise
@@ -167,6 +167,8 @@ def test_register_from_the_command_line_with_the_planning_contour(tmp_path, shar
     [
         (["--method", "adversarial", "--label-channels", "0"], "adversarial is not driven by labels"),
         (["--method", "glands", "--init", "centres"], "--init is for iterative and dip"),
+        (["--method", "glands", "--label-roles", "moving"], "give --label-channels too"),
+        (["--method", "iterative", "--label-channels", "0", "--label-roles", "moving"], "iterative needs both images' labels"),
     ],
 )
 def test_evaluate_refuses_options_the_method_does_not_take(tmp_path, shared_data, capsys, extra, message):
@@ -182,3 +184,33 @@ def test_evaluate_with_expert_labels_says_so_in_the_report(tmp_path, shared_data
     report = json.loads(out.read_text())
     assert report["label_channels"] == [0] and report["options"]["init"] == "centres"
     assert report["pairs"][0]["dice_mean"] > 0.85  # the expert gland drove it
+
+
+def test_evaluate_the_planning_case_predicts_only_the_ultrasound_gland(tmp_path, shared_data):
+    """`--label-roles moving`: each pair's expert MR gland is given (the biopsy planning contour), the US gland predicted."""
+    out = tmp_path / "planning.json"
+    args = ["--data-root", str(shared_data), "evaluate", "--task", "mrus_prostate", "--method", "glands", "--pairs", "1"]
+    assert main([*args, "--label-channels", "0", "--label-roles", "moving", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["label_roles"] == ["moving"] and report["label_channels"] == [0]
+    assert report["model"].endswith("glands_mrus.safetensors")  # the ultrasound segmenter ran
+    assert report["pairs"][0]["dice_mean"] > 0.75
+
+
+@pytest.mark.parametrize("roles", [("moving",), ("fixed",), ("fixed", "moving")])
+def test_evaluate_task_gives_the_method_only_the_chosen_roles_labels(shared_data, roles):
+    given = []
+
+    def registrar(fixed, moving, **labels):
+        given.append(labels)
+        return Volume(np.zeros((3, *fixed.shape), np.float32), fixed.spacing, fixed.origin, fixed.direction)
+
+    report = evaluate_task("mrus_prostate", "glands", shared_data, n_pairs=1, registrar=registrar, label_channels=[0], label_roles=roles)
+    assert sorted(given[0]) == sorted(f"{r}_labels" for r in roles)
+    assert all(labels.channels == 1 for labels in given[0].values())  # the gland channel, not the landmarks
+    assert report["label_roles"] == list(roles)
+
+
+def test_evaluate_task_refuses_unknown_label_roles(shared_data):
+    with pytest.raises(ValueError, match="label_roles"):
+        evaluate_task("mrus_prostate", "glands", shared_data, n_pairs=1, label_channels=[0], label_roles=("mr",))
