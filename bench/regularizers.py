@@ -119,8 +119,11 @@ def ship(results: Path, variant: str, name: str, dest: Path, baselines: list[Pat
 
 def _baseline_name(report: dict) -> str:
     """The method, and the expert labels it was given where it was (a label-driven reference, not a method)."""
-    channels = report.get("label_channels")
-    return report["method"] if not channels else f"{report['method']} with expert label channels {channels}"
+    channels, roles = report.get("label_channels"), report.get("label_roles") or ["fixed", "moving"]
+    if not channels:
+        return report["method"]
+    whose = "" if len(roles) == 2 else f" of the {roles[0]} image"
+    return f"{report['method']} with expert label channels {channels}{whose}"
 
 
 def _baseline(path: Path, report: dict) -> dict:

@@ -38,6 +38,7 @@ AIRNET_COMPARED = (
     "regress_gland", "regress_gland_1000", "regress_gland_long",
 )  # fmt: skip
 AIRNET_TRAINED = (*AIRNET_COMPARED, "clip", "gp_tre")  # the last two quoted from their logs (clip vs penalty; a TRE regression diverged)
+GLAND_RUNS = ("glands_mrus", "glands_mrus_ensemble", "glands_mrus_single")  # shipped, then the recipes before it
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,10 @@ STEPS: tuple[Step, ...] = (
         copies=(("{runs}/symmetric_hippocampus/log.csv", f"{RESULTS}/symmetric_logs/shipped_log.csv"),),
     ),
     Step(
-        "glands",  # the shipped glands_mrus segmenters (two-network ensembles) and the single-network run before them
+        "glands",  # the shipped glands_mrus segmenters and the two recipes before them (two-network ensembles, single networks)
         tuple(
             command
-            for run in ("glands_mrus", "glands_mrus_single")
+            for run in GLAND_RUNS
             for command in (
                 _train(run, run),
                 *(_evaluate("mrus_prostate", "glands", f"{RESULTS}/glands_logs/{run}_{split}.json", split,
@@ -191,7 +192,7 @@ STEPS: tuple[Step, ...] = (
         ),
         writes=(f"{RESULTS}/glands_logs/*",),
         needs=TRAIN,
-        copies=tuple((f"{{runs}}/{run}/log.csv", f"{RESULTS}/glands_logs/{run}_log.csv") for run in ("glands_mrus", "glands_mrus_single")),
+        copies=tuple((f"{{runs}}/{run}/log.csv", f"{RESULTS}/glands_logs/{run}_log.csv") for run in GLAND_RUNS),
     ),
     Step(
         "voxelmorph",  # the VoxelMorph peer of the hippocampus suite, trained with its own recipe

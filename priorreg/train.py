@@ -382,7 +382,7 @@ class TrainingRun:
             "processes": self.world,
             "iterations": last.get("iteration"),
             "seconds": last.get("seconds"),
-            "final_log": {k: v for k, v in last.items() if isinstance(v, (int, float))},
+            "final_log": {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)},  # JSON has no NaN
         }
 
     def data_description(self) -> str:

@@ -13,7 +13,10 @@ and fed its own draws (member 0's are those of a single-network run), averaged a
 
 `frame` is the ultrasound (fixed) segmenter's frame (margin 0) and `moving_frame` the MR's:
 each covers its modality's field of view at 2 mm (the shared US images are up to 94 mm across,
-the MR 103 mm).
+the MR 103 mm). Likewise `network` and `augment` are the ultrasound segmenter's, and
+`moving_network` and `moving_augment` change what differs for the MR's (None: the same): the
+ultrasound outline is the harder one and may warrant a wider network. The MR draws do not depend on
+the ultrasound settings, so changing only those leaves the MR segmenter as it was.
 """
 
 from __future__ import annotations
@@ -49,9 +52,12 @@ DEFAULTS: dict = {
     },
     "frame": {"shape": [36, 48, 36], "spacing": 2.0, "margin": 0},  # the ultrasound (fixed) segmenter's
     "moving_frame": {"shape": [52, 52, 52], "spacing": 2.0},  # the MR (moving) segmenter's
-    "network": {"channels": [16, 32, 48, 64], "members": 1},
-    "augment": {"rotation_deg": 10.0, "scale": 0.1, "shift_mm": 5.0, "gain": 0.2, "offset": 0.1},
-    "iterations": 1500,
+    "network": {"channels": [16, 32, 48, 64], "members": 1},  # the ultrasound (fixed) segmenter's
+    "moving_network": None,  # the MR's: the keys of `network` that differ (None: the same)
+    "augment": {"rotation_deg": 10.0, "scale": 0.1, "shift_mm": 5.0, "gain": 0.2, "offset": 0.1},  # the ultrasound's
+    "moving_augment": None,  # the MR's: the keys of `augment` that differ
+    "iterations": 1500,  # the ultrasound segmenter's (and the run's)
+    "moving_iterations": None,  # the MR segmenter's, at most `iterations` (None: the same); it stops there
     "batch_size": 2,
     "lr": 1e-3,  # cosine decay to 0 over the run
     "checkpoint_every": 100,
@@ -66,7 +72,21 @@ def check_config(config: dict) -> dict:
         raise ConfigError(f"data.task {config['data']['task']!r}: the gland trainer knows 'mrus_prostate'")
     if config["frame"]["margin"]:
         raise ConfigError("frame.margin must be 0: each segmenter sees one image")
+    for key in ("network", "augment"):
+        given = config[f"moving_{key}"] or {}
+        if set(given) - set(config[key]):
+            raise ConfigError(f"unknown moving_{key} keys {sorted(set(given) - set(config[key]))}; known: {', '.join(sorted(config[key]))}")
+        config[f"moving_{key}"] = {**config[key], **given}
+    if config["moving_iterations"] is None:
+        config["moving_iterations"] = config["iterations"]
+    if not 0 < config["moving_iterations"] <= config["iterations"]:
+        raise ConfigError(f"moving_iterations ({config['moving_iterations']}) must lie in 1..iterations ({config['iterations']})")
     return config
+
+
+def of_role(config: dict, key: str, role: str) -> dict:
+    """`network` or `augment` of the ultrasound (`fixed`) segmenter, or their `moving_` forms for the MR's."""
+    return config[key] if role == "fixed" else config[f"moving_{key}"]
 
 
 @dataclass
@@ -112,17 +132,22 @@ class TrainingImages:
     train_ids: list[str]
 
 
-def lr_at(config: dict, t: int) -> float:
-    """Cosine decay from `lr` to 0 over the run."""
-    return config["lr"] * 0.5 * (1 + math.cos(math.pi * t / max(config["iterations"], 1)))
+def role_iterations(config: dict, role: str) -> int:
+    return config["iterations"] if role == "fixed" else config["moving_iterations"]
+
+
+def lr_at(config: dict, t: int, role: str = "fixed") -> float:
+    """Cosine decay from `lr` to 0 over the segmenter's iterations."""
+    return config["lr"] * 0.5 * (1 + math.cos(math.pi * t / max(role_iterations(config, role), 1)))
 
 
 def draw_batch(config: dict, t: int, sizes: dict[str, int], member: int = 0) -> dict:
     """Everything random in iteration `t` for one ensemble member, for the whole global batch and both modalities (same on every rank)."""
     g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + t + member * 7_919_000_003)
-    b, a = config["batch_size"], config["augment"]
+    b = config["batch_size"]
     draw = {}
     for role in gl.ROLES:
+        a = of_role(config, "augment", role)
         angles = (torch.rand(b, 3, generator=g) * 2 - 1) * a["rotation_deg"]
         scale = 1 + (torch.rand(b, 3, generator=g) * 2 - 1) * a["scale"]
         shift = (torch.rand(b, 3, 1, generator=g) * 2 - 1) * a["shift_mm"]
@@ -154,7 +179,7 @@ class GlandsTrainer(TrainingRun):
         self.val = splits["val"]
         mf = c["moving_frame"]
         self.frames = {"fixed": self.frame, "moving": ModelFrame(tuple(mf["shape"]), mf["spacing"], 0)}
-        self.card = gl.model_card(self.frames, c["network"]["channels"], MODALITIES, c["network"]["members"])
+        self.card = gl.model_card(self.frames, {role: of_role(c, "network", role) for role in gl.ROLES}, MODALITIES)
         self.nets = {role: net.to(self.device) for role, net in gl.build_networks(self.card).items()}
         self.modules = dict(self.nets)
         self.optims = {role: torch.optim.Adam(net.parameters(), lr=c["lr"]) for role, net in self.nets.items()}
@@ -181,15 +206,18 @@ class GlandsTrainer(TrainingRun):
     def step(self, t: int) -> GlandLosses:
         c = self.config
         sizes = {role: len(self.data.roles[role]) for role in gl.ROLES}
-        draws = [draw_batch(c, t, sizes, k) for k in range(c["network"]["members"])]
-        out = {}
+        members = {role: of_role(c, "network", role)["members"] for role in gl.ROLES}
+        draws = [draw_batch(c, t, sizes, k) for k in range(max(members.values()))]
+        out = {"fixed": math.nan, "moving": math.nan}  # a segmenter past its iterations logs no loss
         for role in gl.ROLES:
-            x, y = zip(*(self._batch(role, d[role]) for d in draws))
+            if t >= role_iterations(c, role):
+                continue
+            x, y = zip(*(self._batch(role, d[role]) for d in draws[: members[role]]))
             logits = self.nets_p[role](torch.stack(x), each=True)
-            loss = sum(dice_bce(lk, yk) for lk, yk in zip(logits, y)) / len(draws)
+            loss = sum(dice_bce(lk, yk) for lk, yk in zip(logits, y)) / members[role]
             opt = self.optims[role]
             for group in opt.param_groups:
-                group["lr"] = lr_at(c, t)
+                group["lr"] = lr_at(c, t, role)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

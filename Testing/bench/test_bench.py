@@ -222,3 +222,12 @@ def test_airnet_comparison_scores_models_and_merges_runs(tmp_path, shared_data, 
     assert "| airnet_mrus | 0 |" in table and "| other | 1 |" in table and "--merge" in table
     with pytest.raises(ValueError, match="other alignments"):
         main(["airnet", "--models", str(other), "--merge", *common[:-3], "3", "--out", str(out)])
+
+
+def test_a_baseline_given_expert_labels_is_named_for_whose_labels():
+    from bench.regularizers import _baseline_name
+
+    assert _baseline_name({"method": "centres", "label_channels": None}) == "centres"
+    both = {"method": "glands", "label_channels": [0], "label_roles": ["fixed", "moving"]}
+    assert _baseline_name(both) == "glands with expert label channels [0]"
+    assert _baseline_name({**both, "label_roles": ["moving"]}) == "glands with expert label channels [0] of the moving image"

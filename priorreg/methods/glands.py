@@ -56,11 +56,14 @@ class Segmenter(nn.Module):
         return torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(0)
 
 
-def model_card(frames: dict[str, ModelFrame], channels, modalities: dict[str, str], members: int = 1) -> dict:
-    """The card fields inference needs; training adds data, command and metrics."""
+def model_card(frames: dict[str, ModelFrame], networks: dict[str, dict], modalities: dict[str, str]) -> dict:
+    """The card fields inference needs (`networks`: each role's `channels` and `members`); training adds data, command and metrics."""
     return {
         "method": "glands",
-        "architecture": {"name": "UNet3D", "channels": list(channels), "members": members, "output": "mean gland probability"},
+        "architecture": {
+            "name": "UNet3D", "output": "mean gland probability",
+            **{r: {"channels": list(n["channels"]), "members": n["members"]} for r, n in networks.items()},
+        },  # fmt: skip
         "frames": {r: {"shape": list(f.shape), "spacing": f.spacing} for r, f in frames.items()},
         "modalities": modalities,
         "preprocessing": {"intensity": "zero mean, unit variance per image", "frame": "centred on the image's own field of view"},
@@ -69,7 +72,7 @@ def model_card(frames: dict[str, ModelFrame], channels, modalities: dict[str, st
 
 def build_networks(card: dict) -> dict[str, Segmenter]:
     a = card["architecture"]
-    return {r: Segmenter(a["channels"], a.get("members", 1)) for r in ROLES}
+    return {r: Segmenter(a[r]["channels"], a[r]["members"]) for r in ROLES}
 
 
 def frame_grid(image: Volume, frame: ModelFrame) -> Grid:
