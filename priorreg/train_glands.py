@@ -15,8 +15,11 @@ and fed its own draws (member 0's are those of a single-network run), averaged a
 each covers its modality's field of view at 2 mm (the shared US images are up to 94 mm across,
 the MR 103 mm). Likewise `network` and `augment` are the ultrasound segmenter's, and
 `moving_network` and `moving_augment` change what differs for the MR's (None: the same): the
-ultrasound outline is the harder one and may warrant a wider network. The MR draws do not depend on
-the ultrasound settings, so changing only those leaves the MR segmenter as it was.
+ultrasound outline is the harder one and may warrant a wider network; `moving_iterations` stops
+the MR's training earlier. The ultrasound networks are built first and every draw of a role is
+made whatever the other role's settings, so a run's ultrasound segmenter is that of a run with
+the same ultrasound settings alone; the MR's draws do not depend on the ultrasound settings, its
+initial weights do (the networks are built in turn from one seed).
 """
 
 from __future__ import annotations
@@ -133,6 +136,7 @@ class TrainingImages:
 
 
 def role_iterations(config: dict, role: str) -> int:
+    """How many iterations the role's segmenter trains (the ultrasound's are the run's)."""
     return config["iterations"] if role == "fixed" else config["moving_iterations"]
 
 
