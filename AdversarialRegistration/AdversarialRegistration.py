@@ -21,9 +21,9 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from priorreg.models import FINETUNED
 from priorreg.registration import Cancelled
 from priorreg.slicer.logic import (
-    FINETUNED_NETWORKS,
     REGISTRATION_NETWORKS,
     display_outputs,
     matching_critic,
@@ -167,8 +167,8 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
         method = card.get("method")
         if method not in REGISTRATION_NETWORKS:
             raise ValueError(f"model '{model}' is a {method!r} model; choose a registration network ({', '.join(REGISTRATION_NETWORKS)})")
-        if finetune_steps and method not in FINETUNED_NETWORKS:
-            raise ValueError(f"model '{model}' is a {method!r} model; fine-tuning is for {' and '.join(FINETUNED_NETWORKS)} networks")
+        if finetune_steps and method not in FINETUNED:
+            raise ValueError(f"model '{model}' is a {method!r} model; fine-tuning is for {' and '.join(FINETUNED)} networks")
         if quality_model == MATCHING_CRITIC:
             quality_model = matching_critic(card)
         options = {"model": model, "device": device}

@@ -19,12 +19,12 @@ from . import data
 from .evaluate import TASKS, evaluate_task, pair_metrics, summarise, versions
 from .jacobian import jacobian_volume
 from .methods import METHODS
+from .models import FINETUNED
 from .registration import Cancelled, Progress, register
 from .simulate import cli as simulate_cli
 from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
 
-FINETUNED = ("adversarial", "symmetric")  # networks that can be fine-tuned on the pair at hand (--finetune-steps)
 LABEL_DRIVEN = ("iterative", "dip", "glands")  # methods that take segmentations to align (--label-channels)
 DEFAULT_MODELS = {  # --method -> shipped model
     "adversarial": "adversarial_mrus",

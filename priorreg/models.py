@@ -21,6 +21,9 @@ from .files import atomic_write
 # panels list models and their cards before torch is installed.
 
 SHIPPED = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+# Model-card methods whose networks can be fine-tuned on the pair at hand (the CLI's --finetune-steps, the
+# registration panel's fine-tuning): here, torch-free, so that the panels can read it before torch is installed.
+FINETUNED = ("adversarial", "symmetric")
 
 
 def model_dirs() -> list[Path]:

@@ -45,6 +45,10 @@ from .registration import Cancelled
 from .spatial import Grid, field_tensor, read_field, sample
 from .volume import READ_SUFFIXES
 
+# The patient split every trainer cuts its data with (`patient_split`; the hippocampus trainer's
+# `data.split_groups`): the fractions and seed `priorreg evaluate --split` uses, so that no model
+# is scored on patients it trained on.
+SPLIT_DEFAULTS = {"val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0}
 DEFAULTS: dict = {
     "name": "adversarial_mrus",
     "method": "adversarial",
@@ -53,9 +57,7 @@ DEFAULTS: dict = {
     "data": {
         "root": None,  # shared data folder (default $PRIORREG_DATA or ../shared/data), or the user's folder of pairs
         "task": "mrus_prostate",  # or "folder": your own pairs in `root` (priorreg.data.folder_pairs says the layout)
-        "val_fraction": 0.1,
-        "test_fraction": 0.2,
-        "split_seed": 0,
+        **SPLIT_DEFAULTS,
         "labels": "gland",  # "gland" (the paper's M_n = 1) or "all" (gland and landmarks, one drawn per pair)
         "init": "centres",
         "limit": None,  # use only the first N training pairs (tests)

@@ -22,7 +22,7 @@ from .methods import airnet as air
 from .methods.adversarial import ModelFrame
 from .reference import cached_reference
 from .spatial import sample
-from .train import ConfigError, TrainingRun, patient_split
+from .train import SPLIT_DEFAULTS, ConfigError, TrainingRun, patient_split
 
 DEFAULTS: dict = {
     "name": "airnet_mrus",
@@ -32,9 +32,7 @@ DEFAULTS: dict = {
     "data": {
         "root": None,
         "task": "mrus_prostate",
-        "val_fraction": 0.1,
-        "test_fraction": 0.2,
-        "split_seed": 0,
+        **SPLIT_DEFAULTS,
         "init": "centres",
         "limit": None,
     },

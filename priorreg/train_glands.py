@@ -38,7 +38,7 @@ from .methods import glands as gl
 from .methods.adversarial import ModelFrame, points_through, standardise
 from .methods.airnet import rotation_matrix
 from .spatial import sample
-from .train import ConfigError, TrainingRun, patient_split
+from .train import SPLIT_DEFAULTS, ConfigError, TrainingRun, patient_split
 
 DEFAULTS: dict = {
     "name": "glands_mrus",
@@ -48,9 +48,7 @@ DEFAULTS: dict = {
     "data": {
         "root": None,
         "task": "mrus_prostate",
-        "val_fraction": 0.1,
-        "test_fraction": 0.2,
-        "split_seed": 0,
+        **SPLIT_DEFAULTS,
         "limit": None,  # use only the first N training pairs (tests)
     },
     "frame": {"shape": [36, 48, 36], "spacing": 2.0, "margin": 0},  # the ultrasound (fixed) segmenter's
@@ -87,8 +85,8 @@ def check_config(config: dict) -> dict:
     return config
 
 
-def of_role(config: dict, key: str, role: str) -> dict:
-    """`network` or `augment` of the ultrasound (`fixed`) segmenter, or their `moving_` forms for the MR's."""
+def of_role(config: dict, key: str, role: str):
+    """`network`, `augment` or `iterations` of the ultrasound (`fixed`) segmenter, or their `moving_` forms for the MR's."""
     return config[key] if role == "fixed" else config[f"moving_{key}"]
 
 
@@ -113,16 +111,23 @@ class RoleImages:
         return len(self.images)
 
 
-def role_images(pairs: list[data.Pair]) -> dict[str, RoleImages]:
-    """Both modalities' distinct images, each pair read once (observations of one patient may share the MR file)."""
-    roles = {role: RoleImages() for role in gl.ROLES}
+def distinct_images(pairs: list[data.Pair]):
+    """`(role, image, labels)` of each distinct image of `pairs`, each pair read once (observations of one
+    patient may share the MR file)."""
     seen = set()
     for pair in pairs:
         v = pair.load()
         for role in gl.ROLES:
             if (role, getattr(pair, role)) not in seen:
                 seen.add((role, getattr(pair, role)))
-                roles[role].add(getattr(v, role), getattr(v, f"{role}_labels"))
+                yield role, getattr(v, role), getattr(v, f"{role}_labels")
+
+
+def role_images(pairs: list[data.Pair]) -> dict[str, RoleImages]:
+    """Both modalities' distinct training images."""
+    roles = {role: RoleImages() for role in gl.ROLES}
+    for role, image, labels in distinct_images(pairs):
+        roles[role].add(image, labels)
     return roles
 
 
@@ -135,14 +140,9 @@ class TrainingImages:
     train_ids: list[str]
 
 
-def role_iterations(config: dict, role: str) -> int:
-    """How many iterations the role's segmenter trains (the ultrasound's are the run's)."""
-    return config["iterations"] if role == "fixed" else config["moving_iterations"]
-
-
 def lr_at(config: dict, t: int, role: str = "fixed") -> float:
     """Cosine decay from `lr` to 0 over the segmenter's iterations."""
-    return config["lr"] * 0.5 * (1 + math.cos(math.pi * t / max(role_iterations(config, role), 1)))
+    return config["lr"] * 0.5 * (1 + math.cos(math.pi * t / max(of_role(config, "iterations", role), 1)))
 
 
 def draw_batch(config: dict, t: int, sizes: dict[str, int], member: int = 0) -> dict:
@@ -214,7 +214,7 @@ class GlandsTrainer(TrainingRun):
         draws = [draw_batch(c, t, sizes, k) for k in range(max(members.values()))]
         out = {"fixed": math.nan, "moving": math.nan}  # a segmenter past its iterations logs no loss
         for role in gl.ROLES:
-            if t >= role_iterations(c, role):
+            if t >= of_role(c, "iterations", role):
                 continue
             x, y = zip(*(self._batch(role, d[role]) for d in draws[: members[role]]))
             logits = self.nets_p[role](torch.stack(x), each=True)
@@ -234,16 +234,10 @@ class GlandsTrainer(TrainingRun):
         for net in self.nets.values():
             net.eval()
         dice = {role: [] for role in gl.ROLES}
-        seen = set()
-        for pair in self.val:
-            v = pair.load()
-            for role in gl.ROLES:
-                if (role, getattr(pair, role)) in seen:
-                    continue
-                seen.add((role, getattr(pair, role)))
-                truth = data.binary_channels(getattr(v, f"{role}_labels")).channel(0)
-                predicted = model.segment(getattr(v, role), role)
-                dice[role].append(metrics.dice(truth, data.binary_channels(predicted).channel(0), labels=[1])[1])
+        for role, image, labels in distinct_images(self.val):
+            truth = data.binary_channels(labels).channel(0)
+            predicted = model.segment(image, role)
+            dice[role].append(metrics.dice(truth, data.binary_channels(predicted).channel(0), labels=[1])[1])
         for net in self.nets.values():
             net.train()
         return {f"val_dice_{role}": float(np.mean(d)) if d else math.nan for role, d in dice.items()}

@@ -29,7 +29,7 @@ from .methods import symmetric as sym
 from .methods.adversarial import points_through
 from .methods.airnet import rotation_matrix
 from .spatial import sample
-from .train import ConfigError, TrainingRun
+from .train import SPLIT_DEFAULTS, ConfigError, TrainingRun
 from .volume import Volume
 
 DEFAULTS: dict = {
@@ -40,9 +40,7 @@ DEFAULTS: dict = {
     "data": {
         "root": None,
         "task": "hippocampus",
-        "val_fraction": 0.1,
-        "test_fraction": 0.2,
-        "split_seed": 0,
+        **SPLIT_DEFAULTS,
         "limit": None,  # use only the first N training subjects (tests)
         "val_pairs": None,  # validate on the first N validation pairs (default: all)
     },

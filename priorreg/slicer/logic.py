@@ -37,10 +37,9 @@ JACOBIAN_COLORS = 256
 FOLDING_RGB = (1.0, 0.9, 0.0)  # yellow: apart from both ends of the blue-white-red scale
 _SHRINK_RGB, _KEEP_RGB, _GROW_RGB = np.array([0.23, 0.30, 0.75]), np.array([0.97, 0.97, 0.97]), np.array([0.71, 0.02, 0.15])
 
-# Model-card methods of the trained networks the registration panel offers (the card says which to run),
-# and those of them that can be fine-tuned on the pair at hand.
+# Model-card methods of the trained networks the registration panel offers (the card says which to run;
+# `models.FINETUNED` says which of them can be fine-tuned on the pair at hand).
 REGISTRATION_NETWORKS = ("adversarial", "symmetric", "glands")
-FINETUNED_NETWORKS = ("adversarial", "symmetric")
 
 # Passed by register_nodes itself, never through `options`.
 _RESERVED_OPTIONS = ("fixed_labels", "moving_labels", "progress", "cancel")
