@@ -29,11 +29,11 @@ from priorreg.slicer import (  # noqa: E402
     display_outputs,
     field_from_transform_node,
     labels_from_segmentation,
+    logic,
     node_from_volume,
     register_nodes,
     volume_from_node,
 )
-from priorreg.slicer import logic  # noqa: E402
 from priorreg.slicer.sample import GLAND, mrus_test_pair, set_modality  # noqa: E402
 from priorreg.spatial import Grid, field_tensor, resample, sample  # noqa: E402
 from priorreg.volume import Volume  # noqa: E402

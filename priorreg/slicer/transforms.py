@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..volume import Volume
 from ..grid import Grid
+from ..volume import Volume
 from .geometry import flip_lps_ras, geometry_from_ijk_to_ras, ijk_to_ras
 from .scene import resolve_scene, temporary_nodes
 from .volumes import require_untransformed

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..volume import Volume
 from ..grid import Grid
+from ..volume import Volume
 from .geometry import geometry_from_ijk_to_ras, ijk_to_ras
 from .scene import resolve_scene, temporary_nodes
 
