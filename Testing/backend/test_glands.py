@@ -16,6 +16,7 @@ from priorreg.evaluate import evaluate_task, pair_metrics
 from priorreg.methods import METHODS
 from priorreg.methods import glands as gl
 from priorreg.methods.adversarial import standardise
+from priorreg.methods.common import label_channels
 from priorreg.registration import register
 from priorreg.spatial import Grid, resample
 from priorreg.train import load_config, train
@@ -105,6 +106,16 @@ def test_an_image_without_a_gland_is_an_error_not_an_identity(shipped, test_pair
         register(v.fixed, lung_ct, "glands", loaded=shipped)
     with pytest.raises(ValueError, match="3D image"):
         shipped.segment(v.fixed_labels, "fixed")
+
+
+def test_a_gland_too_small_for_a_prostate_is_an_error(shipped, test_pairs, shared_data):
+    """A brain-MR crop is no prostate, but the ultrasound segmenter outlines a speck in it: the registration refuses it."""
+    v = test_pairs[0].load()
+    hippocampus = Volume.read(shared_data / "hippocampus" / "images" / "hippocampus_001.nii.gz")
+    speck = label_channels(shipped.segment(hippocampus, "fixed")).sum() * np.prod(hippocampus.spacing) / 1000
+    assert 0 < speck < gl.MIN_GLAND_ML  # what the check is for: not empty, yet no prostate
+    with pytest.raises(ValueError, match=r"predicted in the fixed image .* mL, too small for a prostate"):
+        register(hippocampus, v.moving, "glands", loaded=shipped)
 
 
 def test_trainer_writes_a_model_the_method_loads(tmp_path, shared_data):
