@@ -108,6 +108,17 @@ def test_an_image_without_a_gland_is_an_error_not_an_identity(shipped, test_pair
         shipped.segment(v.fixed_labels, "fixed")
 
 
+def test_the_smallest_gland_bound_is_far_below_every_expert_gland(shared_data):
+    """`MIN_GLAND_ML` must never refuse a real prostate: every expert gland of the shared set, either modality, is over 3.5 times it."""
+    volumes = []
+    for pair in data.mrus_pairs(shared_data):
+        v = pair.load()
+        for labels in (v.fixed_labels, v.moving_labels):
+            gland = data.binary_channels(labels).channel(0)
+            volumes.append(float((gland.array >= 0.5).sum() * np.prod(gland.spacing)) / 1000)
+    assert len(volumes) == 160 and min(volumes) > 3.5 * gl.MIN_GLAND_ML
+
+
 def test_a_gland_too_small_for_a_prostate_is_an_error(shipped, test_pairs, shared_data):
     """A brain-MR crop is no prostate, but the ultrasound segmenter outlines a speck in it: the registration refuses it."""
     v = test_pairs[0].load()

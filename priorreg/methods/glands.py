@@ -40,9 +40,8 @@ from .iterative import register_iterative
 
 ROLES = ("fixed", "moving")  # ultrasound, MR: one segmenter each
 # A predicted gland smaller than this is not a prostate: a quarter of the smallest expert gland of the shared
-# MR-US set (19 mL; median 51 mL). It is what a non-prostate image or a header with wrong voxel spacings
-# gives (the ultrasound segmenter on a hippocampus MR crop: 0.1 mL; the MR one on a prostate MR whose header lost
-# its spacing, stored as 1 mm: 4 mL).
+# MR-US set (19 mL; a test checks the margin). It is what a non-prostate image (a test: a hippocampus MR crop)
+# or a header that lost its voxel spacings gives.
 MIN_GLAND_ML = 5.0
 
 
