@@ -125,6 +125,11 @@ def gland_of(labels: Volume) -> Volume:
     return labels.with_array(array[None].astype(np.float32))
 
 
+def gland_ml(gland: Volume) -> float:
+    """The volume in mL of a gland channel (a prediction or `gland_of`'s), where it is >= 0.5."""
+    return float(label_channels(gland).sum() * np.prod(gland.spacing)) / 1000
+
+
 def register_glands(
     fixed: Volume,
     moving: Volume,
@@ -154,10 +159,9 @@ def register_glands(
     glands = {}
     for role, image in (("fixed", fixed), ("moving", moving)):
         glands[role] = gland_of(given[role]) if given[role] is not None else net.segment(image, role)
-        found = label_channels(glands[role])
-        if not found.any():
+        ml = gland_ml(glands[role])
+        if ml == 0:
             raise ValueError(f"no gland found in the {role} image ({image.source or role}): is the prostate in its field of view?")
-        ml = float(found.sum() * np.prod(glands[role].spacing)) / 1000
         if given[role] is None and ml < MIN_GLAND_ML:
             raise ValueError(
                 f"the gland predicted in the {role} image ({image.source or role}) is {ml:.1f} mL, too small for a prostate "
