@@ -113,7 +113,7 @@ STEPS: tuple[Step, ...] = (
             _evaluate("hippocampus", method, f"{RESULTS}/symmetric_hippocampus_test_{name}.json", extra=extra)
             for name, method, extra in (
                 ("identity", "identity", ""), ("centres", "centres", ""), ("symmetric", "symmetric", ""),
-                ("finetune40", "symmetric", " --finetune-steps 40"),
+                ("raw", "symmetric", " --smooth-mm 0"), ("finetune40", "symmetric", " --finetune-steps 40"),
             )
         ),
         writes=(f"{RESULTS}/symmetric_hippocampus_test_*.json",),

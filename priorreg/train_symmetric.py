@@ -54,6 +54,8 @@ DEFAULTS: dict = {
         "dice_sigmas_mm": [0.0],
     },
     "augment": {"flip": True, "rotation_deg": 10.0, "scale": 0.05, "shift_mm": 3.0},
+    # written into the card: the Gaussian (mm) on the predicted fields at inference, validation included
+    "postprocessing": {"smooth_mm": 0.0},
     "iterations": 2000,
     "batch_size": 4,
     "lr": 1e-4,  # the paper's Adam rate
@@ -77,6 +79,8 @@ def check_config(config: dict) -> dict:
         raise ConfigError(f"loss.heads needs a weight for each of the network's {n['heads']} heads")
     if config["frame"]["margin"]:
         raise ConfigError("frame.margin must be 0: both images of a pair share one frame")
+    if not config["postprocessing"]["smooth_mm"] >= 0:
+        raise ConfigError(f"postprocessing.smooth_mm must be 0 or more (mm), got {config['postprocessing']['smooth_mm']}")
     return config
 
 
@@ -163,7 +167,7 @@ class SymmetricTrainer(TrainingRun):
         val = data.hippocampus_pairs(d["root"], subjects=splits["val"]) if len(splits["val"]) > 1 else []
         self.val_pairs = val[: d["val_pairs"]] if d["val_pairs"] else val
         n = c["network"]
-        self.card = sym.model_card(self.frame, n["channels"], n["output_level"], n["heads"], "centres")
+        self.card = sym.model_card(self.frame, n["channels"], n["output_level"], n["heads"], "centres", c["postprocessing"]["smooth_mm"])
         self.net = sym.build_network(self.card).to(self.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=c["lr"])
         self.modules, self.optims = {"network": self.net}, {"network": self.opt}
