@@ -38,11 +38,11 @@ AIRNET_COMPARED = (
     "regress_gland", "regress_gland_1000", "regress_gland_long",
 )  # fmt: skip
 AIRNET_TRAINED = (*AIRNET_COMPARED, "clip", "gp_tre")  # the last two quoted from their logs (clip vs penalty; a TRE regression diverged)
-# the shipped recipe, the recipes shipped before it, then one tried after it
 # the shipped recipe (its log gpu_log.csv), the one shipped before it, the ones tried beside it (gpu_<suffix>_log.csv)
 SYMMETRIC_GPU_RUNS = tuple(
     "symmetric_hippocampus_gpu" + suffix for suffix in ("", "_batch8", "_smooth3", "_full_wide", "_full_wide_smooth3")
 )
+# the shipped recipe, the recipes shipped before it, then one tried after it
 GLAND_RUNS = ("glands_mrus", "glands_mrus_ensemble", "glands_mrus_single", "glands_mrus_wide_ensemble")
 
 

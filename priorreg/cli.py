@@ -63,10 +63,10 @@ def _write_json(obj, path: str | None) -> None:
 
 def _method_options(args) -> dict:
     """Options every learned or optimised method takes: the device, and the model file for networks."""
-    if args.method in ("iterative", "dip"):
-        return {"device": args.device}
     if args.smooth_mm is not None and args.method != "symmetric":
         raise VolumeError(f"--smooth-mm is for --method symmetric, not {args.method}")
+    if args.method in ("iterative", "dip"):
+        return {"device": args.device}
     if args.method in DEFAULT_MODELS:
         smooth = {"smooth_mm": args.smooth_mm} if args.smooth_mm is not None else {}
         return {"device": args.device, "model": args.model or DEFAULT_MODELS[args.method], **smooth}
