@@ -155,10 +155,12 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
         """Register `moving` to `fixed`; returns `priorreg.slicer.RegistrationOutputs` (the new nodes).
 
         `model`: a shipped model name or a `.safetensors` path; its card's method (adversarial,
-        symmetric, or glands: segment the gland in both images, register the segmentations) is run.
+        symmetric, glands: segment the gland in both images, register the segmentations, or segreg:
+        the same for the structures of one modality, e.g. the hippocampus) is run.
         `finetune_steps` > 0 first tunes a copy of an adversarial or symmetric network on this
         pair, on the segmentations (both needed); a glands model takes the segmentations' first
-        segments as the glands, in place of its own. `quality_model`: the AIR-net critic that scores the
+        segments as the glands, in place of its own, and a segreg model their segments as its
+        structures, in its card's order. `quality_model`: the AIR-net critic that scores the
         result (`outputs.quality`); by default a shipped critic trained on the model's data set, none
         where there is no such critic; None: no score. Raises `ValueError` for unusable inputs and
         `Cancelled` when `cancel()` returns True; either way the scene is left as it was.

@@ -63,6 +63,7 @@ ONLY_ON = {
     "symmetric": {"hippocampus"},
     "deformgan": {"brain_t1t2"},
     "glands": {"mrus_prostate"},
+    "segreg": {"hippocampus"},
     "voxelmorph": {"hippocampus"},
 }
 COLUMNS = {

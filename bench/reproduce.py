@@ -114,6 +114,8 @@ STEPS: tuple[Step, ...] = (
             for name, method, extra in (
                 ("identity", "identity", ""), ("centres", "centres", ""), ("symmetric", "symmetric", ""),
                 ("raw", "symmetric", " --smooth-mm 0"), ("finetune40", "symmetric", " --finetune-steps 40"),
+                ("segreg", "segreg", ""),  # the shipped segmenter's outlines, registered
+                ("segreg_expert", "segreg", " --label-channels 0"),  # the experts' label maps (taken whole) in place of its outlines
             )
         ),
         writes=(f"{RESULTS}/symmetric_hippocampus_test_*.json",),
@@ -207,6 +209,15 @@ STEPS: tuple[Step, ...] = (
         writes=(f"{RESULTS}/glands_logs/*",),
         needs=TRAIN,
         copies=tuple((f"{{runs}}/{run}/log.csv", f"{RESULTS}/glands_logs/{run}_log.csv") for run in GLAND_RUNS),
+    ),
+    Step(
+        "segreg",  # the shipped segreg_hippocampus segmenter: 32 min on 2 threads; validation of the registration through it
+        (_train("segreg_hippocampus", "segreg_hippocampus"),
+         _evaluate("hippocampus", "segreg", f"{RESULTS}/segreg_logs/segreg_hippocampus_val.json", "val",
+                   " --model {runs}/segreg_hippocampus/segreg_hippocampus.safetensors")),  # fmt: skip
+        writes=(f"{RESULTS}/segreg_logs/*",),
+        needs=TRAIN,
+        copies=(("{runs}/segreg_hippocampus/log.csv", f"{RESULTS}/segreg_logs/segreg_hippocampus_log.csv"),),
     ),
     Step(
         "voxelmorph",  # the VoxelMorph peer of the hippocampus suite, trained with its own recipe

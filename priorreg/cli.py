@@ -25,13 +25,15 @@ from .simulate import cli as simulate_cli
 from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
 
-LABEL_DRIVEN = ("iterative", "dip", "glands")  # methods that take segmentations to align (--label-channels)
+LABEL_DRIVEN = ("iterative", "dip", "glands", "segreg")  # methods that take segmentations to align (--label-channels)
+SEGMENTING = ("glands", "segreg")  # methods that segment an image whose labels are not given
 DEFAULT_MODELS = {  # --method -> shipped model
     "adversarial": "adversarial_mrus",
     "airnet": "airnet_mrus",
     "symmetric": "symmetric_hippocampus",
     "deformgan": "deformgan_brain",
     "glands": "glands_mrus",
+    "segreg": "segreg_hippocampus",
 }
 
 
@@ -134,7 +136,7 @@ def cmd_register(args) -> int:
         options.update(_driving_labels(args, fixed_labels, moving_labels))
     elif args.method == "airnet":
         options["passes"] = args.passes
-    elif args.method == "glands":  # a gland segmentation the user has replaces that image's prediction
+    elif args.method in SEGMENTING:  # a segmentation the user has replaces that image's prediction
         options.update(_chosen_labels(args, fixed_labels, moving_labels))
     elif args.method in FINETUNED and args.finetune_steps:
         options.update(_finetune_options(args))
@@ -216,8 +218,10 @@ def cmd_evaluate(args) -> int:
     if args.label_roles is not None:
         if args.label_channels is None:
             raise VolumeError("--label-roles says whose expert labels --label-channels takes: give --label-channels too")
-        if len(set(args.label_roles)) < 2 and args.method != "glands":
-            raise VolumeError(f"--label-roles {args.label_roles[0]}: --method {args.method} needs both images' labels (only glands predicts the other)")
+        if len(set(args.label_roles)) < 2 and args.method not in SEGMENTING:
+            raise VolumeError(
+                f"--label-roles {args.label_roles[0]}: --method {args.method} needs both images' labels (only {' and '.join(SEGMENTING)} predict the other)"
+            )
     roles = tuple(dict.fromkeys(args.label_roles or ("fixed", "moving")))
     if args.method == "glands" and args.label_channels is not None and len(roles) == 2:
         del options["model"]  # both expert glands given: no segmenter runs
@@ -312,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", default="geometry", choices=["geometry", "centres"], help="iterative, dip (adversarial: its card's)")
     r.add_argument(
         "--label-channels", type=int, nargs="+",
-        help="label channels that drive the registration, e.g. 0 (gland); glands: the gland segmentation(s) to use in place of the predicted",
+        help="label channels that drive the registration, e.g. 0 (gland); glands, segreg: the segmentation(s) to use in place of the predicted (an integer map is taken whole)",
     )  # fmt: skip
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument(

@@ -1,6 +1,6 @@
 """`priorreg train CONFIG.yaml`: seeded, resumable, data-parallel training (the adversarial method here;
-`method: airnet`, `method: symmetric`, `method: deformgan` and `method: glands` configs go to
-`train_airnet.py`, `train_symmetric.py`, `train_deformgan.py` and `train_glands.py`).
+`method: airnet`, `method: symmetric`, `method: deformgan`, `method: glands` and `method: segreg` configs go
+to `train_airnet.py`, `train_symmetric.py`, `train_deformgan.py`, `train_glands.py` and `train_segreg.py`).
 
 - The config is YAML over `DEFAULTS` (unknown keys are an error, not a silent default).
 - Reproducible: the networks are initialised from `seed`, and everything random in
@@ -112,8 +112,12 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> dict:
         from . import train_glands
 
         return train_glands.check_config(_merge(train_glands.DEFAULTS, {**given, **overrides}))
+    if given.get("method") == "segreg":
+        from . import train_segreg
+
+        return train_segreg.check_config(_merge(train_segreg.DEFAULTS, {**given, **overrides}))
     if given.get("method", "adversarial") != "adversarial":
-        raise ConfigError(f"method must be 'adversarial', 'airnet', 'symmetric', 'deformgan' or 'glands', got {given['method']!r}")
+        raise ConfigError(f"method must be 'adversarial', 'airnet', 'symmetric', 'deformgan', 'glands' or 'segreg', got {given['method']!r}")
     config = _merge(DEFAULTS, {**given, **overrides})
     if config["regularizer"] not in adv.REGULARIZERS:
         raise ConfigError(f"regularizer must be one of {adv.REGULARIZERS}, got {config['regularizer']!r}")
@@ -544,6 +548,8 @@ def train(config: dict, out, progress=None, cancel=None) -> dict:
         from .train_deformgan import DeformGANTrainer as trainer
     elif config["method"] == "glands":
         from .train_glands import GlandsTrainer as trainer
+    elif config["method"] == "segreg":
+        from .train_segreg import SegmenterTrainer as trainer
     else:
         trainer = Trainer
     return trainer(config, out, progress, cancel).run()

@@ -504,3 +504,12 @@ def test_the_glands_model_is_offered_and_registers_from_the_images_alone(pair, s
     tre = metrics.landmark_tre(field, v.fixed_labels, v.moving_labels)["rms"]
     centred = metrics.landmark_tre(register(v.fixed, v.moving, "centres").field, v.fixed_labels, v.moving_labels)["rms"]
     assert dice > 0.75 and tre < centred - 1.0  # shipped: Dice 0.78, landmark RMS TRE 7.7 mm from centring's 9.3
+    # with the scene's segmentations their first segments (the expert glands) replace the predictions, and the
+    # segmentation warped for the user is theirs (every segment), not the gland channel the method registered
+    given = register_nodes(
+        pair.fixed, pair.moving, "glands", {"model": "glands_mrus", "device": "cpu"}, pair.fixed_segmentation, pair.moving_segmentation,
+        scene=pair.scene,
+    )  # fmt: skip
+    assert np.abs(given.result.field.array - outputs.result.field.array).max() > 0.5
+    warped = given.warped_segmentation.GetSegmentation()
+    assert warped.GetNumberOfSegments() == pair.moving_segmentation.GetSegmentation().GetNumberOfSegments()

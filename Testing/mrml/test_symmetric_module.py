@@ -71,3 +71,23 @@ def test_symmetric_registration_makes_the_outputs_the_backend_would(pair):
     assert row["dice_mean"] == pytest.approx(expected["dice_mean"], abs=1e-6)
     assert row["dice_mean"] > unregistered["dice_mean"] + 0.1, (unregistered["dice_mean"], row["dice_mean"])
     assert row["folding_pct"] < 0.5
+
+
+def test_segreg_is_offered_and_takes_the_segments_as_its_structures(pair):
+    """The hippocampus segmenter's registration through the panel's logic: from the images alone, and with the
+    scene's segments (anterior, posterior: the card's order) in place of its own outlines."""
+    segreg = "segreg_hippocampus"
+    models = logic.registration_models()
+    if segreg not in models:
+        pytest.fail(f"model {segreg!r} not found: it ships in Resources/Models with its .json card")
+    summary = logic.model_summary(models[segreg])
+    assert summary.startswith("segreg network trained on hippocampus") and "validation segmentation Dice" in summary
+    assert logic.matching_critic(models[segreg]) is None
+    v, options = pair.volumes, {"model": segreg, "device": "cpu"}
+    predicted = register_nodes(pair.fixed, pair.moving, "segreg", options, scene=pair.scene)
+    np.testing.assert_allclose(predicted.result.field.array, register(v.fixed, v.moving, method="segreg", **options).field.array, atol=1e-4)
+    given = register_nodes(pair.fixed, pair.moving, "segreg", options, pair.fixed_segmentation, pair.moving_segmentation, scene=pair.scene)
+    expert = register(v.fixed, v.moving, method="segreg", fixed_labels=v.fixed_labels, moving_labels=v.moving_labels, **options)
+    np.testing.assert_allclose(given.result.field.array, expert.field.array, atol=1e-4)
+    assert np.abs(given.result.field.array - predicted.result.field.array).max() > 0.5  # the segments did drive it
+    assert table_row(given.metrics)["dice_mean"] > 0.85  # the experts' outlines aligned

@@ -11,6 +11,7 @@ from .deformgan import register_deformgan
 from .dip import register_dip
 from .glands import register_glands
 from .iterative import register_iterative
+from .segreg import register_segreg
 from .symmetric import register_symmetric
 
 METHODS = {
@@ -23,4 +24,5 @@ METHODS = {
     "symmetric": register_symmetric,
     "deformgan": register_deformgan,
     "glands": register_glands,
+    "segreg": register_segreg,
 }

@@ -171,5 +171,7 @@ def register_glands(
         fixed, moving, glands["fixed"], glands["moving"], image_weight=0.0, init=init,
         device=str(net.device) if net is not None else device, progress=progress, cancel=cancel,
     )  # fmt: skip
+    # The warped labels are the user's own (as every method returns them), not the gland channel registered here.
+    result.warped_labels = resample(moving_labels, result.field, result.field) if moving_labels is not None else None
     result.method, result.seconds = "glands", time.perf_counter() - start
     return result

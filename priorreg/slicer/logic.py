@@ -39,7 +39,7 @@ _SHRINK_RGB, _KEEP_RGB, _GROW_RGB = np.array([0.23, 0.30, 0.75]), np.array([0.97
 
 # Model-card methods of the trained networks the registration panel offers (the card says which to run;
 # `models.FINETUNED` says which of them can be fine-tuned on the pair at hand).
-REGISTRATION_NETWORKS = ("adversarial", "symmetric", "glands")
+REGISTRATION_NETWORKS = ("adversarial", "symmetric", "glands", "segreg")
 
 # Passed by register_nodes itself, never through `options`.
 _RESERVED_OPTIONS = ("fixed_labels", "moving_labels", "progress", "cancel")
@@ -233,10 +233,11 @@ def model_summary(card: dict) -> str:
         if training.get(key):
             parts.append(f"{len(training[key])} {what}")
     final = training.get("final_log") or {}
+    segmenter = card.get("method") == "segreg"  # its validation Dice is its outlines', not a registration's
     scores = [
         f"{label} {final[key]:{fmt}}"
         for key, label, fmt in (
-            ("val_dice", "validation Dice", ".2f"),
+            ("val_dice", "validation segmentation Dice" if segmenter else "validation Dice", ".2f"),
             ("val_tre_median_mm", "median TRE (mm)", ".1f"),
             ("val_dice_fixed", "validation gland Dice, fixed", ".2f"),
             ("val_dice_moving", "moving", ".2f"),
