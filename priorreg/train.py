@@ -84,6 +84,14 @@ class ConfigError(ValueError):
     """A config file that cannot be trained from; the message says which key and why."""
 
 
+def check_frame_levels(config: dict) -> int:
+    """The U-Net's number of stride-2 levels (`network.channels`); `frame.shape` must halve that often."""
+    levels = len(config["network"]["channels"]) - 1
+    if any(s % 2**levels for s in config["frame"]["shape"]):
+        raise ConfigError(f"frame.shape {config['frame']['shape']} must divide by 2**{levels} (network.channels has {levels + 1} levels)")
+    return levels
+
+
 def _merge(defaults: dict, given: dict, where: str = "") -> dict:
     out = copy.deepcopy(defaults)
     for key, value in given.items():

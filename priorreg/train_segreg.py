@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import data, metrics
 from .methods import segreg
-from .train import SPLIT_DEFAULTS, ConfigError, TrainingRun
+from .train import SPLIT_DEFAULTS, ConfigError, TrainingRun, check_frame_levels
 from .train_symmetric import FramedSubjects, lr_at, random_affines, sample_affine, subject_splits
 from .volume import Volume
 
@@ -58,9 +58,7 @@ def check_config(config: dict) -> dict:
         raise ConfigError(f"data.task {config['data']['task']!r}: the segmenter trainer knows 'hippocampus'")
     if config["frame"]["margin"]:
         raise ConfigError("frame.margin must be 0: the segmenter sees one image")
-    levels = len(config["network"]["channels"]) - 1
-    if any(s % 2**levels for s in config["frame"]["shape"]):
-        raise ConfigError(f"frame.shape {config['frame']['shape']} must divide by 2**{levels} (network.channels has {levels + 1} levels)")
+    check_frame_levels(config)
     return config
 
 

@@ -29,7 +29,7 @@ from .methods import symmetric as sym
 from .methods.adversarial import points_through
 from .methods.airnet import rotation_matrix
 from .spatial import sample
-from .train import SPLIT_DEFAULTS, ConfigError, TrainingRun
+from .train import SPLIT_DEFAULTS, ConfigError, TrainingRun, check_frame_levels
 from .volume import Volume
 
 DEFAULTS: dict = {
@@ -72,9 +72,7 @@ def check_config(config: dict) -> dict:
     if config["loss"]["similarity"] not in sym.SIMILARITIES:
         raise ConfigError(f"loss.similarity must be one of {sym.SIMILARITIES}, got {config['loss']['similarity']!r}")
     n = config["network"]
-    levels = len(n["channels"]) - 1
-    if any(s % 2**levels for s in config["frame"]["shape"]):
-        raise ConfigError(f"frame.shape {config['frame']['shape']} must divide by 2**{levels} (network.channels has {levels + 1} levels)")
+    levels = check_frame_levels(config)
     if len(config["loss"]["heads"]) < min(n["heads"], levels - n["output_level"]):
         raise ConfigError(f"loss.heads needs a weight for each of the network's {n['heads']} heads")
     if config["frame"]["margin"]:

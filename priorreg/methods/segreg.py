@@ -32,12 +32,13 @@ import torch
 from ..models import load_model, prefixed
 from ..nets.unet import UNet3D
 from ..registration import RegistrationResult
-from ..spatial import Grid, resample
+from ..spatial import resample
 from ..volume import Volume
 from .adversarial import ModelFrame
 from .common import pick_device
+from .glands import frame_grid
 from .iterative import register_iterative
-from .symmetric import frame_image
+from .symmetric import normalise
 
 
 def model_card(frame: ModelFrame, channels, labels: dict[int, str], modality: str) -> dict:
@@ -54,12 +55,6 @@ def model_card(frame: ModelFrame, channels, labels: dict[int, str], modality: st
 
 def build_network(card: dict) -> UNet3D:
     return UNet3D(1, 1 + len(card["labels"]), card["architecture"]["channels"], init_std=None)
-
-
-def frame_grid(image: Volume, frame: ModelFrame) -> Grid:
-    """`frame`'s voxels centred on `image`'s field of view, along its axes."""
-    g = Grid.of(image)
-    return frame.physical(g.center, g.direction)
 
 
 class LoadedSegmenter:
@@ -80,13 +75,6 @@ class LoadedSegmenter:
         dev = pick_device(device)
         return cls(net.to(dev).eval(), card, dev, path)
 
-    def probabilities(self, image: Volume) -> torch.Tensor:
-        """Class probabilities `[1, 1 + L, ...]` on the frame centred on `image` (background first)."""
-        g = Grid.of(image)
-        x = torch.as_tensor(frame_image(image, self.frame, g.center, g.direction)["image"], device=self.device)
-        with torch.no_grad():
-            return self.net(x[None]).softmax(1)
-
     def segment(self, image: Volume) -> Volume:
         """One binary channel per structure `[L, K, J, I]` (float32) on `image`'s grid: each voxel's most probable class."""
         if image.array.ndim != 3:
@@ -94,7 +82,9 @@ class LoadedSegmenter:
         if float(image.array.min()) == float(image.array.max()):
             raise ValueError(f"{image.source or 'image'}: constant image (no contrast): there is nothing to segment")
         grid = frame_grid(image, self.frame)
-        p = self.probabilities(image)[0].cpu().numpy()
+        x = torch.as_tensor(resample(normalise(image), grid).array, device=self.device)
+        with torch.no_grad():
+            p = self.net(x[None, None]).softmax(1)[0].cpu().numpy()  # background first
         p = resample(Volume(p, grid.spacing, grid.origin, grid.direction), image, mode="linear").array
         best = p.argmax(0)
         return image.with_array(np.stack([best == c for c in range(1, p.shape[0])]).astype(np.float32))
