@@ -211,13 +211,14 @@ STEPS: tuple[Step, ...] = (
         copies=tuple((f"{{runs}}/{run}/log.csv", f"{RESULTS}/glands_logs/{run}_log.csv") for run in GLAND_RUNS),
     ),
     Step(
-        "segreg",  # the shipped segreg_hippocampus segmenter: 32 min on 2 threads; validation of the registration through it
+        "segreg",  # the shipped segreg_hippocampus segmenters (two seeds): 80 min on 2 threads; validation of the registration through them
         (_train("segreg_hippocampus", "segreg_hippocampus"),
          _evaluate("hippocampus", "segreg", f"{RESULTS}/segreg_logs/segreg_hippocampus_val.json", "val",
                    " --model {runs}/segreg_hippocampus/segreg_hippocampus.safetensors")),  # fmt: skip
         writes=(f"{RESULTS}/segreg_logs/*",),
         needs=TRAIN,
-        copies=(("{runs}/segreg_hippocampus/log.csv", f"{RESULTS}/segreg_logs/segreg_hippocampus_log.csv"),),
+        copies=(("{runs}/segreg_hippocampus/log.csv", f"{RESULTS}/segreg_logs/segreg_hippocampus_log.csv"),  # a row per member, one for both
+                *((f"{{runs}}/segreg_hippocampus/member{k}/log.csv", f"{RESULTS}/segreg_logs/segreg_hippocampus_member{k}_log.csv") for k in (0, 1))),
     ),
     Step(
         "voxelmorph",  # the VoxelMorph peer of the hippocampus suite, trained with its own recipe

@@ -277,7 +277,7 @@ def cmd_train(args) -> int:
     bar = tqdm(total=config["iterations"], desc=f"train {config['name']}", unit="it", file=sys.stderr)
 
     def progress(row: dict, total: int) -> None:
-        bar.n = row["iteration"]
+        bar.total, bar.n = total, row["iteration"]
         shown = {k: round(row[k], 3) for k in ("loss", "label", "regularizer", "discriminator", "critic", "val_tre_median_mm", "val_dice") if k in row}
         bar.set_postfix(shown, refresh=True)
         validation = {k: v for k, v in row.items() if k.startswith("val_") and isinstance(v, float)}

@@ -92,6 +92,12 @@ def prefixed(tensors: dict, prefix: str) -> dict:
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
+def restore(net, tensors: dict, prefix: str, device):
+    """`net` holding the weights under `prefix.` of a model file, on `device`, in inference mode."""
+    net.load_state_dict(prefixed(tensors, prefix))
+    return net.to(device).eval()
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: str | os.PathLike, modules: dict, optimizers: dict, meta: dict) -> None:
     """Weights of `modules` and state of `optimizers` (name -> object) with `meta`, atomically."""

@@ -348,7 +348,7 @@ class TrainingRun:
             self.out.mkdir(parents=True, exist_ok=True)
             _truncate_log(log, self.start, self.LOG_COLUMNS)
         began = time.perf_counter() - self.seconds
-        last: dict = {}
+        last = _last_logged(log) if self.rank == 0 else {}  # what a finished run, rerun, writes into its card again
         for t in range(self.start, c["iterations"]):
             if self.cancel is not None and self.cancel():
                 if self.rank == 0 and t > self.start:  # keep what was trained: the same command resumes it
@@ -533,6 +533,15 @@ def _truncate_log(log: Path, iteration: int, columns: list[str]) -> None:
         _append_log(log, r, columns)
 
 
+def _last_logged(log: Path) -> dict:
+    """The log's last row, its numbers as numbers (empty cells left out); {} without a log."""
+    if not log.exists():
+        return {}
+    with log.open() as f:
+        rows = list(csv.DictReader(f))
+    return {k: int(v) if k == "iteration" else float(v) for k, v in rows[-1].items() if v != ""} if rows else {}
+
+
 def _append_log(log: Path, row: dict, columns: list[str]) -> None:
     new = not log.exists()
     with log.open("a", newline="") as f:
@@ -558,6 +567,10 @@ def train(config: dict, out, progress=None, cancel=None) -> dict:
         from .train_glands import GlandsTrainer as trainer
     elif config["method"] == "segreg":
         from .train_segreg import SegmenterTrainer as trainer
+        from .train_segreg import train_members
+
+        if config["members"] > 1:
+            return train_members(config, out, progress, cancel)
     else:
         trainer = Trainer
     return trainer(config, out, progress, cancel).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -137,6 +138,9 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, tiny_config):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     log = (tmp_path / "resumed" / "log.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == [1, 2, 3, 4]  # no lost or repeated rows
+    card = json.loads((tmp_path / "resumed" / "adversarial_mrus.json").read_text())["training"]
+    again = train(load_config(tiny_config), tmp_path / "resumed")  # finished: nothing to run, the card's figures kept
+    assert again == resumed and json.loads((tmp_path / "resumed" / "adversarial_mrus.json").read_text())["training"] == card
     with pytest.raises(ConfigError, match="another config"):
         train(load_config(tiny_config, lr=1e-3), tmp_path / "resumed")
 

@@ -29,7 +29,7 @@ import math
 import numpy as np
 import torch
 
-from ..models import load_model, prefixed
+from ..models import load_model, restore
 from ..nets.airnet import AirNet
 from ..registration import Monitor, RegistrationResult
 from ..spatial import Grid, affine_to_field, resample, sample
@@ -243,10 +243,8 @@ class LoadedAirNet:
     def load(cls, model="airnet_mrus", device: str = "auto") -> LoadedAirNet:
         tensors, card, path = load_model(model, method="airnet")
         generator, critic = build_networks(card)
-        generator.load_state_dict(prefixed(tensors, "generator"))
-        critic.load_state_dict(prefixed(tensors, "critic"))
         dev = pick_device(device)
-        return cls(generator.to(dev).eval(), critic.to(dev).eval(), card, dev, path)
+        return cls(restore(generator, tensors, "generator", dev), restore(critic, tensors, "critic", dev), card, dev, path)
 
     def score(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
         """Critic D-scores `[B]` of standardised frame pairs (higher: better aligned)."""

@@ -46,7 +46,7 @@ from torch import nn
 
 from .. import losses, regularizers
 from ..known_deformations import on_grid
-from ..models import load_model, prefixed
+from ..models import load_model, restore
 from ..nets.deformgan import PatchDiscriminator, generator_net, transform_net
 from ..registration import Monitor, RegistrationResult
 from ..spatial import Grid, sample
@@ -162,10 +162,8 @@ class LoadedDeformGAN:
     def load(cls, model="deformgan_brain", device: str = "auto") -> LoadedDeformGAN:
         """From a shipped model name or a `.safetensors` path (its `.json` card beside it)."""
         tensors, card, path = load_model(model, method="deformgan")
-        transform = transform_net(tuple(card["architecture"]["transform"]["channels"]))
-        transform.load_state_dict(prefixed(tensors, "transform"))
         dev = pick_device(device)
-        return cls(transform.to(dev).eval(), card, dev, path)
+        return cls(restore(transform_net(tuple(card["architecture"]["transform"]["channels"])), tensors, "transform", dev), card, dev, path)
 
 
 def register_deformgan(

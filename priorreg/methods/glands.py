@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models import load_model, prefixed
+from ..models import load_model, restore
 from ..nets.unet import UNet3D
 from ..registration import RegistrationResult
 from ..spatial import Grid, resample
@@ -96,12 +96,8 @@ class LoadedGlands:
     def load(cls, model="glands_mrus", device: str = "auto") -> LoadedGlands:
         """From a shipped model name or a `.safetensors` path (its `.json` card beside it)."""
         tensors, card, path = load_model(model, method="glands")
-        nets = build_networks(card)
         dev = pick_device(device)
-        for role, net in nets.items():
-            net.load_state_dict(prefixed(tensors, role))
-            net.to(dev).eval()
-        return cls(nets, card, dev, path)
+        return cls({role: restore(net, tensors, role, dev) for role, net in build_networks(card).items()}, card, dev, path)
 
     def segment(self, image: Volume, role: str) -> Volume:
         """Gland probability `[1, K, J, I]` on `image`'s grid; `role` "fixed" (ultrasound) or "moving" (MR)."""

@@ -17,7 +17,10 @@ The iterative optimisation costs seconds where the network costs a tenth of one.
 The segmenter sees each image on a frame of fixed shape and spacing centred on the image's own
 field of view along its own axes, intensities as the symmetric network's (`symmetric.normalise`).
 The most probable class of each voxel, resampled onto the image's grid, gives one binary channel
-per structure. A user who has a segmentation of either image gives it as `fixed_labels` or
+per structure. A model may hold several such networks trained alike from different seeds (the
+card's `architecture.members`): their class probabilities are averaged before the most probable
+class is taken, as nnU-Net ensembles its folds (on the hippocampus validation subjects, averaging
+over shifted frames of one network did not help; networks from other seeds err elsewhere). A user who has a segmentation of either image gives it as `fixed_labels` or
 `moving_labels` (an integer map with the card's label values, or one channel per structure in the
 card's order, as Slicer's segments arrive): it replaces that prediction.
 """
@@ -29,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from ..models import load_model, prefixed
+from ..models import load_model, restore
 from ..nets.unet import UNet3D
 from ..registration import RegistrationResult
 from ..spatial import resample
@@ -41,11 +44,14 @@ from .iterative import register_iterative
 from .symmetric import normalise
 
 
-def model_card(frame: ModelFrame, channels, labels: dict[int, str], modality: str) -> dict:
-    """The card fields inference needs; training adds data, command and metrics. `labels`: value -> structure name."""
+def model_card(frame: ModelFrame, channels, labels: dict[int, str], modality: str, members: int = 1) -> dict:
+    """The card fields inference needs; training adds data, command and metrics. `labels`: value -> structure name.
+
+    `members` > 1: the file holds that many networks of this architecture (tensors `member<k>.*`), averaged.
+    """
     return {
         "method": "segreg",
-        "architecture": {"name": "UNet3D", "channels": list(channels), "output": "softmax over background and each label"},
+        "architecture": {"name": "UNet3D", "channels": list(channels), "output": "softmax over background and each label", "members": members},
         "frame": {"shape": list(frame.shape), "spacing": frame.spacing},
         "labels": {str(k): v for k, v in labels.items()},
         "modality": modality,
@@ -57,11 +63,17 @@ def build_network(card: dict) -> UNet3D:
     return UNet3D(1, 1 + len(card["labels"]), card["architecture"]["channels"], init_std=None)
 
 
-class LoadedSegmenter:
-    """The trained segmenter with its card, on a device."""
+def member_prefixes(card: dict) -> list[str]:
+    """Where each network's tensors sit in the model file: `network` alone, or `member0`, `member1`, ..."""
+    n = card["architecture"].get("members", 1)
+    return ["network"] if n == 1 else [f"member{k}" for k in range(n)]
 
-    def __init__(self, net: UNet3D, card: dict, device, path=None):
-        self.net, self.card, self.device, self.path = net, card, torch.device(device), path
+
+class LoadedSegmenter:
+    """The trained segmenter (one network or an ensemble of them) with its card, on a device."""
+
+    def __init__(self, nets: list[UNet3D], card: dict, device, path=None):
+        self.nets, self.card, self.device, self.path = nets, card, torch.device(device), path
         f = card["frame"]
         self.frame = ModelFrame(tuple(f["shape"]), f["spacing"], 0)
         self.labels = [int(k) for k in card["labels"]]
@@ -70,10 +82,8 @@ class LoadedSegmenter:
     def load(cls, model="segreg_hippocampus", device: str = "auto") -> LoadedSegmenter:
         """From a shipped model name or a `.safetensors` path (its `.json` card beside it)."""
         tensors, card, path = load_model(model, method="segreg")
-        net = build_network(card)
-        net.load_state_dict(prefixed(tensors, "network"))
         dev = pick_device(device)
-        return cls(net.to(dev).eval(), card, dev, path)
+        return cls([restore(build_network(card), tensors, prefix, dev) for prefix in member_prefixes(card)], card, dev, path)
 
     def segment(self, image: Volume) -> Volume:
         """One binary channel per structure `[L, K, J, I]` (float32) on `image`'s grid: each voxel's most probable class."""
@@ -84,7 +94,7 @@ class LoadedSegmenter:
         grid = frame_grid(image, self.frame)
         x = torch.as_tensor(resample(normalise(image), grid).array, device=self.device)
         with torch.no_grad():
-            p = self.net(x[None, None]).softmax(1)[0].cpu().numpy()  # background first
+            p = torch.stack([net(x[None, None]).softmax(1)[0] for net in self.nets]).mean(0).cpu().numpy()  # background first
         p = resample(Volume(p, grid.spacing, grid.origin, grid.direction), image, mode="linear").array
         best = p.argmax(0)
         return image.with_array(np.stack([best == c for c in range(1, p.shape[0])]).astype(np.float32))

@@ -22,7 +22,7 @@ import torch
 
 from .. import losses
 from ..filters import gaussian_smooth_mm
-from ..models import load_model, prefixed
+from ..models import load_model, restore
 from ..nets.symnet import SymNet
 from ..registration import Monitor, RegistrationResult
 from ..spatial import Grid, resample, sample
@@ -136,10 +136,8 @@ class LoadedSymmetric:
     def load(cls, model="symmetric_hippocampus", device: str = "auto") -> LoadedSymmetric:
         """From a shipped model name or a `.safetensors` path (its `.json` card beside it)."""
         tensors, card, path = load_model(model, method="symmetric")
-        net = build_network(card)
-        net.load_state_dict(prefixed(tensors, "network"))
         dev = pick_device(device)
-        return cls(net.to(dev).eval(), card, dev, path)
+        return cls(restore(build_network(card), tensors, "network", dev), card, dev, path)
 
 
 def register_symmetric(
