@@ -81,7 +81,7 @@ def test_segreg_is_offered_and_takes_the_segments_as_its_structures(pair):
     if segreg not in models:
         pytest.fail(f"model {segreg!r} not found: it ships in Resources/Models with its .json card")
     summary = logic.model_summary(models[segreg])
-    assert summary.startswith("segreg network trained on hippocampus") and "validation segmentation Dice" in summary
+    assert summary.startswith("segreg networks (2, averaged) trained on hippocampus") and "validation segmentation Dice 0.87" in summary
     assert logic.matching_critic(models[segreg]) is None
     v, options = pair.volumes, {"model": segreg, "device": "cpu"}
     predicted = register_nodes(pair.fixed, pair.moving, "segreg", options, scene=pair.scene)

@@ -20,9 +20,10 @@ The most probable class of each voxel, resampled onto the image's grid, gives on
 per structure. A model may hold several such networks trained alike from different seeds (the
 card's `architecture.members`): their class probabilities are averaged before the most probable
 class is taken, as nnU-Net ensembles its folds (on the hippocampus validation subjects, averaging
-over shifted frames of one network did not help; networks from other seeds err elsewhere). A user who has a segmentation of either image gives it as `fixed_labels` or
-`moving_labels` (an integer map with the card's label values, or one channel per structure in the
-card's order, as Slicer's segments arrive): it replaces that prediction.
+over shifted frames of one network did not help; networks from other seeds err elsewhere).
+A user who has a segmentation of either image gives it as `fixed_labels` or `moving_labels` (an
+integer map with the card's label values, or one channel per structure in the card's order, as
+Slicer's segments arrive): it replaces that prediction.
 """
 
 from __future__ import annotations

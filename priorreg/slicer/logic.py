@@ -228,7 +228,9 @@ def check_model(model, fixed_node, moving_node, method: str = "adversarial") -> 
 def model_summary(card: dict) -> str:
     """One line on what a model was trained on and how it did, for the module panel."""
     training = card.get("training", {})
-    parts = [f"{card.get('method', '?')} network trained on {training.get('data', 'unknown data')}"]
+    members = card.get("architecture", {}).get("members", 1)  # an ensemble's networks, their outputs averaged
+    what = "network" if members == 1 else f"networks ({members}, averaged)"
+    parts = [f"{card.get('method', '?')} {what} trained on {training.get('data', 'unknown data')}"]
     for key, what in (("train_pairs", "training pairs"), ("train_subjects", "training subjects")):
         if training.get(key):
             parts.append(f"{len(training[key])} {what}")
