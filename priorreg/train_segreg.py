@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 
 from . import data, metrics
 from .methods import segreg
-from .models import load_model, prefixed, restore, save_model
+from .models import save_model
 from .train import SPLIT_DEFAULTS, ConfigError, TrainingRun, check_frame_levels
 from .train_symmetric import FramedSubjects, lr_at, random_affines, sample_affine, subject_splits
 from .volume import Volume
@@ -190,37 +188,32 @@ def train_members(config: dict, out, progress=None, cancel=None) -> dict:
     other seeds err in other voxels.
     """
     out, n, iterations = Path(out), config["members"], config["iterations"]
-    rows, cards, tensors = [], [], {}
+    trainers, rows = [], []
     for k in range(n):
         member = {**config, "members": 1, "seed": config["seed"] + k, "name": f"{config['name']}_member{k}"}
 
         def shifted(row, total, k=k):  # one bar over all members
             progress({**row, "iteration": row["iteration"] + k * iterations}, n * iterations)
 
-        last = SegmenterTrainer(member, out / f"member{k}", shifted if progress else None, cancel).run()
+        trainers.append(SegmenterTrainer(member, out / f"member{k}", shifted if progress else None, cancel))
+        last = trainers[-1].run()
         rows.append({"member": k, "seed": member["seed"], **{c: last.get(c) for c in ("iteration", "seconds", "val_dice")}})
-        if int(os.environ.get("RANK", "0")) == 0:
-            weights, card, _ = load_model(out / f"member{k}" / f"{member['name']}.safetensors", method="segreg")
-            tensors.update({f"member{k}.{key}": v for key, v in prefixed(weights, "network").items()})
-            cards.append(card)
-    if int(os.environ.get("RANK", "0")) != 0:
+    first = trainers[0]
+    if first.rank != 0:
         return rows[-1]
-    card = {**cards[0], "architecture": {**cards[0]["architecture"], "members": n}}
-    nets = [restore(segreg.build_network(card), tensors, prefix, "cpu") for prefix in segreg.member_prefixes(card)]
-    model = segreg.LoadedSegmenter(nets, card, "cpu")
-    subjects = cards[0]["training"]["patients"]["val"]
+    card = segreg.model_card(first.frame, config["network"]["channels"], LABELS, MODALITY, members=n)
+    model = segreg.LoadedSegmenter([t.net.eval() for t in trainers], card, first.device)
     ensemble = {"member": "ensemble", "seed": "", "iteration": n * iterations, "seconds": sum(r["seconds"] for r in rows)}
-    ensemble["val_dice"] = validation_dice(model, subjects, config["data"]["root"])
-    first = cards[0]["training"]
+    ensemble["val_dice"] = validation_dice(model, first.val, config["data"]["root"])
     card["training"] = {
-        **{key: first[key] for key in ("data", "patients", "train_pairs", "processes")},
+        **first.training_card({}),  # data, split, training subjects, processes, command; the figures below
         "config": config,
-        "command": " ".join(["priorreg", *sys.argv[1:]]) if sys.argv else None,
         "iterations": ensemble["iteration"],
         "seconds": ensemble["seconds"],
         "members": rows,
         "final_log": {"val_dice": ensemble["val_dice"]},
     }
+    tensors = {f"member{k}.{key}": v for k, t in enumerate(trainers) for key, v in t.net.state_dict().items()}
     save_model(out / f"{config['name']}.safetensors", tensors, card)
     with (out / "log.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=ENSEMBLE_LOG_COLUMNS)

@@ -163,11 +163,20 @@ def register_glands(
                 f"the gland predicted in the {role} image ({image.source or role}) is {ml:.1f} mL, too small for a prostate "
                 f"(under {MIN_GLAND_ML:g} mL): is the prostate in its field of view, and are its voxel spacings right?"
             )
-    result = register_iterative(
-        fixed, moving, glands["fixed"], glands["moving"], image_weight=0.0, init=init,
-        device=str(net.device) if net is not None else device, progress=progress, cancel=cancel,
-    )  # fmt: skip
-    # The warped labels are the user's own (as every method returns them), not the gland channel registered here.
-    result.warped_labels = resample(moving_labels, result.field, result.field) if moving_labels is not None else None
+    device = str(net.device) if net is not None else device
+    result = register_outlines(fixed, moving, glands["fixed"], glands["moving"], moving_labels, init, device, progress, cancel)
     result.method, result.seconds = "glands", time.perf_counter() - start
+    return result
+
+
+def register_outlines(fixed, moving, fixed_outlines, moving_outlines, moving_labels, init, device, progress, cancel) -> RegistrationResult:
+    """How every segment-then-register method (glands, segreg) ends: `register_iterative` on the outlines alone.
+
+    The result's warped labels are the user's own moving labels (as every method returns them), or
+    None: never the outline channels registered here.
+    """
+    result = register_iterative(
+        fixed, moving, fixed_outlines, moving_outlines, image_weight=0.0, init=init, device=device, progress=progress, cancel=cancel
+    )
+    result.warped_labels = resample(moving_labels, result.field, result.field) if moving_labels is not None else None
     return result

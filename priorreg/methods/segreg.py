@@ -40,8 +40,7 @@ from ..spatial import resample
 from ..volume import Volume
 from .adversarial import ModelFrame
 from .common import pick_device
-from .glands import frame_grid
-from .iterative import register_iterative
+from .glands import frame_grid, register_outlines
 from .symmetric import normalise
 
 
@@ -144,8 +143,6 @@ def register_segreg(
         raise ValueError(f"found in only one of the two images: {', '.join(lonely)}: do both show the same anatomy?")
     keep = present["fixed"]
     fl, ml = (maps[r].with_array(maps[r].array[keep]) for r in ("fixed", "moving"))
-    result = register_iterative(fixed, moving, fl, ml, image_weight=0.0, init=init, device=str(net.device), progress=progress, cancel=cancel)
-    # The warped labels are the user's own (as every method returns them), not the channels registered here.
-    result.warped_labels = resample(moving_labels, result.field, result.field) if moving_labels is not None else None
+    result = register_outlines(fixed, moving, fl, ml, moving_labels, init, str(net.device), progress, cancel)
     result.method, result.seconds = "segreg", time.perf_counter() - start
     return result
