@@ -273,7 +273,7 @@ def cmd_train(args) -> int:
         config["data"]["root"] = args.data_root
     if int(os.environ.get("RANK", "0")) != 0:
         train(config, args.out)
-        return 0
+        _leave_torchrun_worker()
     bar = tqdm(total=config["iterations"], desc=f"train {config['name']}", unit="it", file=sys.stderr)
 
     def progress(row: dict, total: int) -> None:
@@ -293,7 +293,23 @@ def cmd_train(args) -> int:
     bar.close()
     print(f"model: {Path(args.out) / (config['name'] + '.safetensors')} (card beside it); log: {Path(args.out) / 'log.csv'}")
     print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float))}))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_torchrun_worker()
     return 0
+
+
+def _leave_torchrun_worker():
+    """End a torchrun worker whose training finished, without the interpreter's finalisation.
+
+    Why: a CI run saw rank 1 of a finished two-process training abort (SIGABRT) while rank 0 was
+    still ending, so torchrun reported the saved run as failed. The DDP wrappers keep gloo's
+    process group and its C++ threads alive until Python tears itself down, and a C++ thread
+    taking the GIL during that teardown aborts the process (pytorch/pytorch#179291); skipping the
+    teardown removes that window. Everything is written and closed by now; only stdio needs flushing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:

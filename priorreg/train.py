@@ -375,6 +375,8 @@ class TrainingRun:
             last = row
         if self.rank == 0:
             self.save_model(last)
+        if self.writer is not None:  # its last events are flushed only on close
+            self.writer.close()
         if self.world > 1:
             dist.barrier()
         if self.owns_group:  # shut down together: a process leaving a live gloo group can abort its peer (SIGABRT)
