@@ -115,7 +115,9 @@ STEPS: tuple[Step, ...] = (
                 ("identity", "identity", ""), ("centres", "centres", ""), ("symmetric", "symmetric", ""),
                 ("raw", "symmetric", " --smooth-mm 0"), ("finetune40", "symmetric", " --finetune-steps 40"),
                 ("segreg", "segreg", ""),  # the shipped segmenter's outlines, registered
-                ("segreg_expert", "segreg", " --label-channels 0"),  # the experts' label maps (taken whole) in place of its outlines
+                ("segreg_smooth0.5", "segreg", " --smooth-weight 0.5"),  # the same with the smoothness used until 2026-11-30
+                # the experts' label maps (taken whole) in place of its outlines, at the smoothness of its time
+                ("segreg_expert", "segreg", " --label-channels 0 --smooth-weight 0.5"),
             )
         ),
         writes=(f"{RESULTS}/symmetric_hippocampus_test_*.json",),
@@ -213,8 +215,9 @@ STEPS: tuple[Step, ...] = (
     Step(
         "segreg",  # the shipped segreg_hippocampus segmenters (two seeds): 80 min on 2 threads; validation of the registration through them
         (_train("segreg_hippocampus", "segreg_hippocampus"),
-         _evaluate("hippocampus", "segreg", f"{RESULTS}/segreg_logs/segreg_hippocampus_val.json", "val",
-                   " --model {runs}/segreg_hippocampus/segreg_hippocampus.safetensors")),  # fmt: skip
+         *(_evaluate("hippocampus", "segreg", f"{RESULTS}/segreg_logs/segreg_hippocampus_val{suffix}.json", "val",
+                     f" --model {{runs}}/segreg_hippocampus/segreg_hippocampus.safetensors{extra}")
+           for suffix, extra in (("", ""), ("_smooth0.5", " --smooth-weight 0.5"), ("_smooth0.2", " --smooth-weight 0.2")))),  # fmt: skip
         writes=(f"{RESULTS}/segreg_logs/*",),
         needs=TRAIN,
         copies=(("{runs}/segreg_hippocampus/log.csv", f"{RESULTS}/segreg_logs/segreg_hippocampus_log.csv"),  # a row per member, one for both

@@ -67,10 +67,13 @@ def _method_options(args) -> dict:
     """Options every learned or optimised method takes: the device, and the model file for networks."""
     if args.smooth_mm is not None and args.method != "symmetric":
         raise VolumeError(f"--smooth-mm is for --method symmetric, not {args.method}")
+    if args.smooth_weight is not None and args.method != "segreg":
+        raise VolumeError(f"--smooth-weight is for --method segreg, not {args.method}")
     if args.method in ("iterative", "dip"):
         return {"device": args.device}
     if args.method in DEFAULT_MODELS:
-        smooth = {"smooth_mm": args.smooth_mm} if args.smooth_mm is not None else {}
+        given = {"smooth_mm": args.smooth_mm, "smooth_weight": args.smooth_weight}
+        smooth = {k: v for k, v in given.items() if v is not None}
         return {"device": args.device, "model": args.model or DEFAULT_MODELS[args.method], **smooth}
     return {}
 
@@ -344,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
     r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
+    r.add_argument("--smooth-weight", type=float, help="segreg: smoothness weight of the outlines' registration (default: segreg.SMOOTH_WEIGHT)")
     r.add_argument("--passes", type=int, default=1, help="airnet: generator passes, each undoing the remaining misalignment")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=cmd_register)
@@ -388,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     v.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     v.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
+    v.add_argument("--smooth-weight", type=float, help="segreg: smoothness weight of the outlines' registration (default: segreg.SMOOTH_WEIGHT)")
     v.add_argument("--finetune-steps", type=int, default=0, help="adversarial, symmetric: fine-tune on each pair's images first")
     v.add_argument("--similarity", choices=["lncc", "mse", "local_gradient", "mae"], help="the image similarity of --finetune-steps (default: the method's)")
     v.add_argument("--levels", type=float, nargs="+", help="dip: downsampling factor of each level, coarse to fine (default 2 1)")

@@ -169,14 +169,18 @@ def register_glands(
     return result
 
 
-def register_outlines(fixed, moving, fixed_outlines, moving_outlines, moving_labels, init, device, progress, cancel) -> RegistrationResult:
+def register_outlines(
+    fixed, moving, fixed_outlines, moving_outlines, moving_labels, init, device, progress, cancel, **options
+) -> RegistrationResult:
     """How every segment-then-register method (glands, segreg) ends: `register_iterative` on the outlines alone.
 
-    The result's warped labels are the user's own moving labels (as every method returns them), or
-    None: never the outline channels registered here.
+    `options` go to `register_iterative` (segreg: a lighter smoothness). The result's warped labels
+    are the user's own moving labels (as every method returns them), or None: never the outline
+    channels registered here.
     """
     result = register_iterative(
-        fixed, moving, fixed_outlines, moving_outlines, image_weight=0.0, init=init, device=device, progress=progress, cancel=cancel
-    )
+        fixed, moving, fixed_outlines, moving_outlines, image_weight=0.0, init=init, device=device, progress=progress, cancel=cancel,
+        **options,
+    )  # fmt: skip
     result.warped_labels = resample(moving_labels, result.field, result.field) if moving_labels is not None else None
     return result
