@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from priorreg import data
+from priorreg import data, metrics
 from priorreg import train_segreg as ts
 from priorreg.cli import main
 from priorreg.evaluate import pair_metrics
@@ -18,7 +18,6 @@ from priorreg.jacobian import jacobian_stats
 from priorreg.methods import METHODS
 from priorreg.methods import segreg as sr
 from priorreg.methods import symmetric as sym
-from priorreg.metrics import dice
 from priorreg.models import available_models, load_model
 from priorreg.registration import register
 from priorreg.spatial import Grid, resample
@@ -107,7 +106,7 @@ def test_the_lighter_smoothness_fits_the_outlines_tighter_and_still_never_folds(
     for weight in (sr.SMOOTH_WEIGHT, 0.5):
         field = register(v.fixed, v.moving, "segreg", loaded=shipped, smooth_weight=weight).field
         carried = resample(outlines[1], field, field).array
-        fit[weight] = np.mean([dice(outlines[0].array[c], carried[c], labels=[1])[1] for c in range(len(carried))])
+        fit[weight] = np.mean([metrics.dice(outlines[0].array[c], carried[c], labels=[1])[1] for c in range(len(carried))])
         stats[weight] = jacobian_stats(field)
     assert sr.SMOOTH_WEIGHT < 0.5 and fit[sr.SMOOTH_WEIGHT] > fit[0.5] + 0.005, fit
     assert stats[sr.SMOOTH_WEIGHT]["sdlogj"] > stats[0.5]["sdlogj"] and stats[sr.SMOOTH_WEIGHT]["folding_pct"] == 0, stats
@@ -202,8 +201,6 @@ def test_members_train_from_their_own_seeds_and_load_as_one_averaged_model(tmp_p
 
 
 def test_the_segmentation_loss_is_lowest_for_the_right_labels():
-    import torch
-
     truth = torch.zeros(1, 2, 8, 8, 8)
     truth[0, 0, :4], truth[0, 1, 4:6] = 1, 1
     right = torch.cat([(1 - truth.sum(1, keepdim=True)), truth], 1) * 20 - 10  # confident logits of the truth
