@@ -147,6 +147,16 @@ STEPS: tuple[Step, ...] = (
         ),
         writes=tuple(f"{RESULTS}/deformgan_logs/{n}.json" for n in ("identity_test", "centres_test", "iterative_test", "identity_train")),
     ),
+    Step(
+        "dip_oasis",  # the OASIS suite's DIP setting (one 1/4 level, 5 minutes) with MAE and LNCC, and iterative at that one level
+        tuple(
+            _evaluate("oasis", method, f"{RESULTS}/dip_logs/oasis_{method}_quarter_{sim}.json", "all",
+                      f" --levels 4 {schedule} --similarity {sim}")
+            for method, schedule in (("dip", "--steps 2000 --max-seconds 300"), ("iterative", "--steps 120"))
+            for sim in ("mae", "lncc")
+        ),
+        writes=(f"{RESULTS}/dip_logs/*.json",),
+    ),
     # ------------------------------------------------------------------------------------ training runs
     Step(
         "regularizers",

@@ -86,17 +86,32 @@ def _finetune_options(args) -> dict:
 
 
 def _schedule_options(args) -> dict:
-    """DIP's coarse-to-fine schedule and time budget, where given (the method's defaults otherwise)."""
+    """The coarse-to-fine schedule of dip and iterative (DIP's time budget too), where given (the method's defaults otherwise)."""
     given = {
         name: value
         for name, value in (("levels", args.levels), ("steps", args.steps), ("max_seconds", args.max_seconds))
         if value is not None
     }
-    if given and args.method != "dip":
-        raise VolumeError(f"--levels, --steps and --max-seconds are DIP's schedule; --method {args.method} has its own")
+    if args.max_seconds is not None and args.method != "dip":
+        raise VolumeError(f"--max-seconds is DIP's time budget; --method {args.method} has none")
+    if given and args.method not in ("iterative", "dip"):
+        raise VolumeError(f"--levels and --steps are the schedule of dip and iterative; --method {args.method} has its own")
     if ("levels" in given) != ("steps" in given) or len(given.get("levels", ())) != len(given.get("steps", ())):
         raise VolumeError("give --levels and --steps together, one step count per level (e.g. --levels 2 1 --steps 200 100)")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
+def _similarity_option(args) -> dict:
+    """--similarity for iterative and dip (fine-tuning takes it in `_finetune_options`); refused where it would be ignored."""
+    if not args.similarity:
+        return {}
+    if args.method in ("iterative", "dip"):
+        return {"similarity": args.similarity}  # each has its own default
+    if args.method in FINETUNED and args.finetune_steps:
+        return {}
+    raise VolumeError(
+        f"--similarity is for iterative, dip, and --finetune-steps of {' and '.join(FINETUNED)}; not for --method {args.method}"
+    )
 
 
 def _chosen_labels(args, fixed_labels, moving_labels) -> dict:
@@ -131,11 +146,9 @@ def cmd_register(args) -> int:
     fixed, moving = Volume.read(fixed_path), Volume.read(moving_path)
     fixed_labels = Volume.read(fixed_labels_path) if fixed_labels_path else None
     moving_labels = Volume.read(moving_labels_path) if moving_labels_path else None
-    options = {**_method_options(args), **_schedule_options(args)}
+    options = {**_method_options(args), **_schedule_options(args), **_similarity_option(args)}
     if args.method in ("iterative", "dip"):
         options["init"] = args.init
-        if args.similarity:  # each method has its own default
-            options["similarity"] = args.similarity
         options.update(_driving_labels(args, fixed_labels, moving_labels))
     elif args.method == "airnet":
         options["passes"] = args.passes
@@ -211,7 +224,7 @@ def cmd_evaluate(args) -> int:
         _write_json(report, args.json)
         print(json.dumps(report["summary"], indent=2))
         return 0
-    options = {**_method_options(args), **_finetune_options(args), **_schedule_options(args)}
+    options = {**_method_options(args), **_finetune_options(args), **_schedule_options(args), **_similarity_option(args)}
     if args.init:
         if args.method not in ("iterative", "dip"):
             raise VolumeError(f"--init is for iterative and dip; --method {args.method} has its own")
@@ -342,8 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-steps", type=int, default=0,
         help="adversarial, symmetric: fine-tune a copy of the network on this pair first (with --label-channels and/or --similarity)",
     )  # fmt: skip
-    r.add_argument("--levels", type=float, nargs="+", help="dip: downsampling factor of each level, coarse to fine (default 2 1)")
-    r.add_argument("--steps", type=int, nargs="+", help="dip: optimisation steps at each level (default 200 100)")
+    r.add_argument(
+        "--levels", type=float, nargs="+",
+        help="dip, iterative (its deformable stage): downsampling factor of each level, coarse to fine (default: dip 2 1, iterative 4 2 1)",
+    )
+    r.add_argument("--steps", type=int, nargs="+", help="dip, iterative: optimisation steps at each level (default: dip 200 100, iterative 120 80 40)")
     r.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
     r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
@@ -394,9 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
     v.add_argument("--smooth-weight", type=float, help="segreg: smoothness weight of the outlines' registration (default: segreg.SMOOTH_WEIGHT)")
     v.add_argument("--finetune-steps", type=int, default=0, help="adversarial, symmetric: fine-tune on each pair's images first")
-    v.add_argument("--similarity", choices=["lncc", "mse", "local_gradient", "mae"], help="the image similarity of --finetune-steps (default: the method's)")
-    v.add_argument("--levels", type=float, nargs="+", help="dip: downsampling factor of each level, coarse to fine (default 2 1)")
-    v.add_argument("--steps", type=int, nargs="+", help="dip: optimisation steps at each level (default 200 100)")
+    v.add_argument(
+        "--similarity", choices=["lncc", "mse", "local_gradient", "mae"],
+        help="iterative, dip: the image similarity; adversarial, symmetric: that of --finetune-steps (default: the method's)",
+    )
+    v.add_argument(
+        "--levels", type=float, nargs="+",
+        help="dip, iterative (its deformable stage): downsampling factor of each level, coarse to fine (default: dip 2 1, iterative 4 2 1)",
+    )
+    v.add_argument("--steps", type=int, nargs="+", help="dip, iterative: optimisation steps at each level (default: dip 200 100, iterative 120 80 40)")
     v.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
     v.add_argument("--init", choices=["geometry", "centres"], help="iterative, dip: the starting alignment (default: the method's)")
     v.add_argument(

@@ -157,19 +157,32 @@ def test_evaluate_quality_reports_agreement_with_known_errors(tmp_path, shared_d
     assert s["gland_error_spearman"] < -0.5 and 0.5 < s["gland_error_auroc"] <= 1
 
 
-def test_dip_schedule_and_budget_from_the_command_line(tmp_path, shared_data, capsys):
-    """--levels/--steps/--max-seconds reach DIP (what ran is in metrics.json); misuse is one line, nothing written."""
+def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data, capsys):
+    """--levels/--steps/--similarity reach DIP and iterative, --max-seconds DIP (what ran is in metrics.json); misuse is one line, nothing written."""
     out = tmp_path / "dip"
     base = ["--data-root", str(shared_data), "register", "--sample", "mrus", "--init", "centres"]
     assert main([*base, "--method", "dip", "--levels", "4", "--steps", "6", "--out", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["options"]["levels"] == [4.0] and report["options"]["steps"] == [6] and report["steps_run"] == 6
     assert report["registered"]["tre_rms_mm"] < report["identity"]["tre_rms_mm"]  # the centred start and six coarse steps
+    out = tmp_path / "iterative"
+    assert main([*base, "--method", "iterative", "--levels", "4", "--steps", "3", "--similarity", "mae", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["options"]["levels"] == [4.0] and report["steps_run"] == 100 + 3  # the affine stage's 100, then 3 at 1/4
+    assert report["options"]["similarity"] == "mae"
+    # evaluate passes the schedule and the similarity on too (until 2026-12-01 it dropped --similarity for iterative and dip)
+    out = tmp_path / "evaluated.json"
+    evaluate = ["--data-root", str(shared_data), "evaluate", "--task", "mrus_prostate", "--pairs", "1", "--json", str(out)]
+    assert main([*evaluate, "--method", "iterative", "--levels", "4", "--steps", "3", "--similarity", "mse"]) == 0
+    assert json.loads(out.read_text())["options"] == {"device": "auto", "levels": [4.0], "steps": [3], "similarity": "mse"}
     capsys.readouterr()
     for args, message in (
         (["--method", "dip", "--levels", "2", "1", "--steps", "100"], "one step count per level"),
         (["--method", "dip", "--steps", "100"], "together"),
-        (["--method", "iterative", "--max-seconds", "5"], "DIP's schedule"),
+        (["--method", "iterative", "--max-seconds", "5"], "DIP's time budget"),
+        (["--method", "adversarial", "--levels", "4", "--steps", "5"], "schedule of dip and iterative"),
+        (["--method", "centres", "--similarity", "mae"], "--similarity is for iterative, dip"),
+        (["--method", "symmetric", "--similarity", "mae"], "--similarity is for iterative, dip"),  # no --finetune-steps: nothing would use it
     ):
         assert main([*base, *args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
