@@ -25,7 +25,8 @@ from .simulate import cli as simulate_cli
 from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
 
-LABEL_DRIVEN = ("iterative", "dip", "glands", "segreg")  # methods that take segmentations to align (--label-channels)
+OPTIMISED = ("iterative", "dip")  # per-pair optimisers, no model: --init, --similarity, --levels/--steps
+LABEL_DRIVEN = (*OPTIMISED, "glands", "segreg")  # methods that take segmentations to align (--label-channels)
 SEGMENTING = ("glands", "segreg")  # methods that segment an image whose labels are not given
 DEFAULT_MODELS = {  # --method -> shipped model
     "adversarial": "adversarial_mrus",
@@ -69,7 +70,7 @@ def _method_options(args) -> dict:
         raise VolumeError(f"--smooth-mm is for --method symmetric, not {args.method}")
     if args.smooth_weight is not None and args.method != "segreg":
         raise VolumeError(f"--smooth-weight is for --method segreg, not {args.method}")
-    if args.method in ("iterative", "dip"):
+    if args.method in OPTIMISED:
         return {"device": args.device}
     if args.method in DEFAULT_MODELS:
         given = {"smooth_mm": args.smooth_mm, "smooth_weight": args.smooth_weight}
@@ -79,10 +80,10 @@ def _method_options(args) -> dict:
 
 
 def _finetune_options(args) -> dict:
-    """Test-time fine-tuning of a trained network; the similarity only when given (each method has its default)."""
+    """Test-time fine-tuning of a trained network (its similarity, when given: `_similarity_option`)."""
     if args.method not in FINETUNED or not args.finetune_steps:
         return {}
-    return {"finetune_steps": args.finetune_steps, **({"similarity": args.similarity} if args.similarity else {})}
+    return {"finetune_steps": args.finetune_steps}
 
 
 def _schedule_options(args) -> dict:
@@ -94,7 +95,7 @@ def _schedule_options(args) -> dict:
     }
     if args.max_seconds is not None and args.method != "dip":
         raise VolumeError(f"--max-seconds is DIP's time budget; --method {args.method} has none")
-    if given and args.method not in ("iterative", "dip"):
+    if given and args.method not in OPTIMISED:
         raise VolumeError(f"--levels and --steps are the schedule of dip and iterative; --method {args.method} has its own")
     if ("levels" in given) != ("steps" in given) or len(given.get("levels", ())) != len(given.get("steps", ())):
         raise VolumeError("give --levels and --steps together, one step count per level (e.g. --levels 2 1 --steps 200 100)")
@@ -102,13 +103,11 @@ def _schedule_options(args) -> dict:
 
 
 def _similarity_option(args) -> dict:
-    """--similarity for iterative and dip (fine-tuning takes it in `_finetune_options`); refused where it would be ignored."""
+    """--similarity for iterative, dip and fine-tuning, only when given (each has its default); refused where it would be ignored."""
     if not args.similarity:
         return {}
-    if args.method in ("iterative", "dip"):
-        return {"similarity": args.similarity}  # each has its own default
-    if args.method in FINETUNED and args.finetune_steps:
-        return {}
+    if args.method in OPTIMISED or (args.method in FINETUNED and args.finetune_steps):
+        return {"similarity": args.similarity}
     raise VolumeError(
         f"--similarity is for iterative, dip, and --finetune-steps of {' and '.join(FINETUNED)}; not for --method {args.method}"
     )
@@ -147,7 +146,7 @@ def cmd_register(args) -> int:
     fixed_labels = Volume.read(fixed_labels_path) if fixed_labels_path else None
     moving_labels = Volume.read(moving_labels_path) if moving_labels_path else None
     options = {**_method_options(args), **_schedule_options(args), **_similarity_option(args)}
-    if args.method in ("iterative", "dip"):
+    if args.method in OPTIMISED:
         options["init"] = args.init
         options.update(_driving_labels(args, fixed_labels, moving_labels))
     elif args.method == "airnet":
@@ -226,7 +225,7 @@ def cmd_evaluate(args) -> int:
         return 0
     options = {**_method_options(args), **_finetune_options(args), **_schedule_options(args), **_similarity_option(args)}
     if args.init:
-        if args.method not in ("iterative", "dip"):
+        if args.method not in OPTIMISED:
             raise VolumeError(f"--init is for iterative and dip; --method {args.method} has its own")
         options["init"] = args.init
     if args.label_channels is not None and args.method not in LABEL_DRIVEN:
