@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", nargs="*", default=sorted(METHODS), choices=sorted(METHODS))
     r.add_argument("--peers", nargs="*", default=sorted(PEERS), choices=sorted(PEERS))
     r.add_argument("--pairs", type=int, help="pairs per task (default: the suite's)")
+    r.add_argument("--split", choices=["all", "train", "val", "test"], help="the pairs' split (default: the suite's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--merge", action="store_true", help="add to DIR/<task>.json, replacing only the methods run now (the table names each run)")
     g = sub.add_parser("regularizers", help="seed 000's Table 1: train (or reuse) four networks, score them on test patients")
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
     }
     for task in args.tasks:
         suite = ACCURACY[task]
-        reports = run_task(task, args.methods, args.peers, args.data_root, args.pairs or suite["pairs"], suite["split"], args.seed)
+        reports = run_task(task, args.methods, args.peers, args.data_root, args.pairs or suite["pairs"], args.split or suite["split"], args.seed)
         for report in reports.values():
             report["run"] = stamp
         if args.merge:

@@ -19,37 +19,16 @@ import numpy as np
 import SimpleITK as sitk
 
 from priorreg import Volume
+from priorreg.methods.baselines import register_affine
 
 THREADS = int(os.environ.get("PRIORREG_BENCH_THREADS", "2"))
 
 
 def _affine(fixed: Volume, moving: Volume) -> Volume:
-    """A plain affine, what a user gets from "just align them": SimpleITK, Mattes mutual information.
-
-    Initialised by aligning the intensity centres of mass (ANTs' default start; MR and TRUS headers
-    are in unrelated frames), then 12 parameters by regular-step gradient descent over 3 levels (shrink
-    4, 2, 1) on a fixed 10 % random sample of voxels (seeded, so runs repeat). Nothing constrains the
-    determinant, as in the tools users have. Always available: SimpleITK is a core dependency.
-    """
+    """A plain affine, what a user gets from "just align them": `priorreg.methods.baselines.register_affine`
+    (SimpleITK, Mattes mutual information, centres of mass to start). Always available: SimpleITK is a core dependency."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(THREADS)
-    f = sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32)
-    m = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
-    start = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.1, 0)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.7)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-    reg.SetInitialTransform(start, inPlace=False)
-    transform = reg.Execute(f, m)
-    field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, f.GetSize(), f.GetOrigin(), f.GetSpacing(), f.GetDirection()
-    )
-    return Volume.from_sitk(field)
+    return register_affine(fixed, moving).field
 
 
 def _ants_syn(fixed: Volume, moving: Volume) -> Volume:

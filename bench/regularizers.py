@@ -104,7 +104,7 @@ def ship(results: Path, variant: str, name: str, dest: Path, baselines: list[Pat
     mrus = report.get("task", "mrus_prostate") == "mrus_prostate"
     card["metrics"] = {
         "split": report.get("split"),
-        "test_patients": card["training"]["patients"]["test"],
+        "test_patients": (card["training"].get("patients") or card["training"]["split"])["test"],  # Deform-GAN's: sets
         "summary": report["summary"],
         **({"tre_median_iqr_mm": _median_iqr(tre)} if tre else {}),
         ("gland_dice_median_iqr" if mrus else "dice_median_iqr"): _median_iqr(dice),

@@ -10,7 +10,7 @@ the reason), every step's command parses with today's command lines, and the shi
 training configs are trained by a step.
 
 By default the steps that need only the shipped models, the peers and `../shared` run (about
-3.5 hours on 2 CPU threads, most of it the per-pair optimisers on brains and the speed suite);
+3.75 hours on 2 CPU threads, most of it the per-pair optimisers on brains and the speed suite);
 `--train` adds the training runs (several more hours; the symmetric network's needs a GPU), which
 write into `--runs` and never over `Resources/Models`. `--list` prints the commands;
 `--only NAME ...` runs some. The last step rewrites the README's results block (`python -m bench readme`).
@@ -140,12 +140,20 @@ STEPS: tuple[Step, ...] = (
         writes=(f"{RESULTS}/quality_test.json",),
     ),
     Step(
-        "brain_baselines",
+        "brain_baselines",  # the held-back brain set: PriorReg's baselines, the peers, and the undeformed control (false motion)
         tuple(
             _evaluate("brain_t1t2", method, f"{RESULTS}/deformgan_logs/{method}_{split}.json", split)
             for method, split in (("identity", "test"), ("centres", "test"), ("iterative", "test"), ("identity", "train"))
+        )
+        + (f"python -m bench run --tasks brain_t1t2 --split test --pairs 4 --methods identity --peers affine elastix_bspline ants_syn "
+           f"--data-root {{data}} --out {RESULTS}/deformgan_logs/peers",)  # fmt: skip
+        + tuple(
+            _evaluate(task, "iterative", f"{RESULTS}/deformgan_logs/iterative_smooth{w}_{task}_test.json", "test",
+                      f" --pairs 2 --levels 4 2 --steps 120 80 --smooth-weight {w} --device cpu")  # fmt: skip
+            for w in ("0.5", "5") for task in ("brain_t1t2_undeformed", "brain_t1t2")
         ),
-        writes=tuple(f"{RESULTS}/deformgan_logs/{n}.json" for n in ("identity_test", "centres_test", "iterative_test", "identity_train")),
+        writes=(*(f"{RESULTS}/deformgan_logs/{n}.json" for n in ("identity_test", "centres_test", "iterative_test", "identity_train")),
+                f"{RESULTS}/deformgan_logs/peers/*", f"{RESULTS}/deformgan_logs/iterative_smooth*_test.json"),  # fmt: skip
     ),
     Step(
         "dip_oasis",  # the OASIS suite's DIP setting (one 1/4 level, 5 minutes) with MAE and LNCC, and iterative at that one level
@@ -241,17 +249,18 @@ STEPS: tuple[Step, ...] = (
     ),
     Step(
         "deformgan",
-        (_train("deformgan_brain", "deformgan_brain"), _train("voxelmorph_lg_brain", "voxelmorph_lg_brain"))
+        tuple(_train(name, name) for name in ("deformgan_brain", "voxelmorph_brain", "voxelmorph_lg_brain"))
         + tuple(
             _evaluate("brain_t1t2", "deformgan", f"{RESULTS}/deformgan_logs/{name}_{split}.json", split,
                       f" --device cpu --model {{runs}}/{run}/{run}.safetensors")  # fmt: skip
-            for name, run, split in (("deformgan", "deformgan_brain", "test"), ("voxelmorph_lg", "voxelmorph_lg_brain", "test"),
-                                     ("deformgan", "deformgan_brain", "train"))  # fmt: skip
+            for name, run, split in (("deformgan", "deformgan_brain", "test"), ("voxelmorph", "voxelmorph_brain", "test"),
+                                     ("voxelmorph_lg", "voxelmorph_lg_brain", "test"), ("deformgan", "deformgan_brain", "train"))  # fmt: skip
         ),
-        writes=(f"{RESULTS}/deformgan_logs/deformgan_*", f"{RESULTS}/deformgan_logs/voxelmorph_lg_*"),
+        writes=(*(f"{RESULTS}/deformgan_logs/deformgan_{n}" for n in ("test.json", "train.json", "log.csv")),
+                f"{RESULTS}/deformgan_logs/voxelmorph_*"),  # fmt: skip
         needs=TRAIN,
-        copies=(("{runs}/deformgan_brain/log.csv", f"{RESULTS}/deformgan_logs/deformgan_log.csv"),
-                ("{runs}/voxelmorph_lg_brain/log.csv", f"{RESULTS}/deformgan_logs/voxelmorph_lg_log.csv")),  # fmt: skip
+        copies=tuple(("{runs}/%s_brain/log.csv" % name, f"{RESULTS}/deformgan_logs/{name}_log.csv")
+                     for name in ("deformgan", "voxelmorph", "voxelmorph_lg")),  # fmt: skip
     ),
     Step("readme", ("python -m bench readme",), writes=("README.md",)),  # the results block, from results.md
 )
@@ -260,6 +269,8 @@ STEPS: tuple[Step, ...] = (
 ARCHIVED = {
     f"{RESULTS}/symmetric_logs/smoothness_0.1_log.csv": "exploratory CPU run quoted in the README (the CPU config, smoothness 0.1)",
     f"{RESULTS}/symmetric_logs/with_flips_*": "exploratory CPU run quoted in the README, its config kept beside its log",
+    f"{RESULTS}/deformgan_logs/deformgan_centres_*": "Deform-GAN's recipe until 2026-12-01 (centred start, the paper's local "
+    "gradient loss), quoted in the README; its config is bench/configs/deformgan_brain.yaml at commit 487c497",
 }
 
 

@@ -28,6 +28,7 @@ from .volume import Volume, VolumeError
 OPTIMISED = ("iterative", "dip")  # per-pair optimisers, no model: --init, --similarity, --levels/--steps
 LABEL_DRIVEN = (*OPTIMISED, "glands", "segreg")  # methods that take segmentations to align (--label-channels)
 SEGMENTING = ("glands", "segreg")  # methods that segment an image whose labels are not given
+SMOOTHED = (*OPTIMISED, "segreg")  # methods with a smoothness weight to set (--smooth-weight)
 DEFAULT_MODELS = {  # --method -> shipped model
     "adversarial": "adversarial_mrus",
     "airnet": "airnet_mrus",
@@ -68,10 +69,10 @@ def _method_options(args) -> dict:
     """Options every learned or optimised method takes: the device, and the model file for networks."""
     if args.smooth_mm is not None and args.method != "symmetric":
         raise VolumeError(f"--smooth-mm is for --method symmetric, not {args.method}")
-    if args.smooth_weight is not None and args.method != "segreg":
-        raise VolumeError(f"--smooth-weight is for --method segreg, not {args.method}")
+    if args.smooth_weight is not None and args.method not in SMOOTHED:
+        raise VolumeError(f"--smooth-weight is for --method {', '.join(SMOOTHED)}, not {args.method}")
     if args.method in OPTIMISED:
-        return {"device": args.device}
+        return {"device": args.device, **({} if args.smooth_weight is None else {"smooth_weight": args.smooth_weight})}
     if args.method in DEFAULT_MODELS:
         given = {"smooth_mm": args.smooth_mm, "smooth_weight": args.smooth_weight}
         smooth = {k: v for k, v in given.items() if v is not None}
@@ -362,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
     r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
-    r.add_argument("--smooth-weight", type=float, help="segreg: smoothness weight of the outlines' registration (default: segreg.SMOOTH_WEIGHT)")
+    r.add_argument("--smooth-weight", type=float, help="iterative, dip, segreg: the field's smoothness weight (default: the method's)")
     r.add_argument("--passes", type=int, default=1, help="airnet: generator passes, each undoing the remaining misalignment")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=cmd_register)
@@ -407,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     v.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     v.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
-    v.add_argument("--smooth-weight", type=float, help="segreg: smoothness weight of the outlines' registration (default: segreg.SMOOTH_WEIGHT)")
+    v.add_argument("--smooth-weight", type=float, help="iterative, dip, segreg: the field's smoothness weight (default: the method's)")
     v.add_argument("--finetune-steps", type=int, default=0, help="adversarial, symmetric: fine-tune on each pair's images first")
     v.add_argument(
         "--similarity", choices=["lncc", "mse", "local_gradient", "mae"],

@@ -39,7 +39,16 @@ TASKS: dict[str, tuple[Callable, bool]] = {
         ),
         False,
     ),
+    # The same pairs with no deformation at all (the true field is zero): what a method moves
+    # here is false motion, the floor of its end-point error on `brain_t1t2`.
+    "brain_t1t2_undeformed": (
+        lambda root, n, seed: known_deformations.known_deformation_pairs(
+            root, n=1, seed=seed, max_voxels=known_deformations.EVAL_MAX_VOXELS, magnitudes=known_deformations.UNDEFORMED
+        ),
+        False,
+    ),
 }
+KNOWN_FIELD_TASKS = ("brain_t1t2", "brain_t1t2_undeformed")  # pairs whose true field is known: split by set
 
 
 def pair_metrics(
@@ -158,9 +167,9 @@ def evaluate_task(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
     loader, intensity = TASKS[task]
-    if task == "brain_t1t2" and split not in ("all", *known_deformations.SPLIT):
+    if task in KNOWN_FIELD_TASKS and split not in ("all", *known_deformations.SPLIT):
         raise ValueError(
-            f"split {split!r}: task brain_t1t2 splits its three sets into {known_deformations.SPLIT} "
+            f"split {split!r}: task {task} splits its three sets into {known_deformations.SPLIT} "
             "(no validation set); use 'all', 'train' or 'test'"
         )
     if task == "hippocampus" and split != "all":
@@ -168,7 +177,7 @@ def evaluate_task(
         # rather than dropping the sampled pairs that straddle two splits.
         subjects = data.split_groups(data.hippocampus_subjects(root), seed=seed)[split]
         pairs = data.hippocampus_pairs(root, n=n_pairs, seed=seed, subjects=subjects)
-    elif task == "brain_t1t2":
+    elif task in KNOWN_FIELD_TASKS:
         pairs = [p for p in loader(root, n_pairs, seed) if split == "all" or p.group in known_deformations.SPLIT[split]]
     else:
         pairs = loader(root, n_pairs, seed)

@@ -84,6 +84,7 @@ class Magnitudes:
 
 
 DEFAULTS = Magnitudes()
+UNDEFORMED = Magnitudes(rotation_deg=0.0, scaling=0.0, shift_mm=0.0, elastic_mm=0.0)  # the control: the true field is 0
 
 
 # --------------------------------------------------------------------------- the deformation
@@ -212,18 +213,18 @@ def _smooth_axes(x: torch.Tensor, sigmas_voxels) -> torch.Tensor:
     return x
 
 
-def on_grid(volume: Volume, grid: Grid) -> Volume:
-    """`volume` as float32 on `grid` (linear), smoothed first where `grid` is coarser.
+def on_grid(volume: Volume, grid: Grid, field: Volume | None = None) -> Volume:
+    """`volume` as float32 on `grid` (linear, through `field` on `grid` when given), smoothed first where `grid` is coarser.
 
     The anti-aliasing Gaussian has `(s_new / s_old - 1) / 2` old voxels of sigma per axis
-    (skimage's rule); on the volume's own grid this is a plain float32 copy.
+    (skimage's rule); on the volume's own grid (and no field) this is a plain float32 copy.
     """
     array = volume.array.astype(np.float32)
-    if Grid.of(volume).matches(grid):
+    if field is None and Grid.of(volume).matches(grid):
         return volume.with_array(array)
     ratio = (np.asarray(grid.spacing) / volume.spacing)[::-1]  # per (k, j, i)
     smooth = _smooth_axes(torch.as_tensor(array)[None, None], np.maximum(ratio - 1, 0) / 2)[0, 0]
-    return resample(volume.with_array(smooth.numpy()), grid, mode="linear")
+    return resample(volume.with_array(smooth.numpy()), grid, field, mode="linear")
 
 
 def foreground(volume: Volume, fraction: float = FOREGROUND_FRACTION) -> Volume:

@@ -16,6 +16,11 @@ fixed = reference(x + u(x)), moving = T1 (T1pre for the tumour studies), as in
 never sees `SPLIT["test"]`; validation scores fresh deformations (seed `data.val_seed`) of the
 training sets, since there is no third patient to spare.
 
+`data.init: affine` trains T for use after a mutual-information affine (`methods.deformgan`): the
+frames stay centred on each set, and `augment` should then hold what an affine leaves (small
+rotation, scaling and shift, the elastic part), not the whole deformation. Validation registers
+its full-size pairs as users will: the affine first, then T.
+
 Single process only: the turns switch `requires_grad`, which DistributedDataParallel forbids.
 """
 
@@ -48,11 +53,15 @@ DEFAULTS: dict = {
         "val_pairs": 2,  # validate on the first N known pairs of the training sets (0: none)
         "val_seed": 1,  # their deformation seed (`known_deformation_pairs`); 0 is evaluate's default
         "val_max_voxels": 200_000,  # their working grid
+        # The pre-alignment at inference (the card's preprocessing.init): "centres", or "affine" (T learns what a
+        # mutual-information affine leaves: train it on residual-sized `augment` magnitudes).
+        "init": "centres",
     },
     # 4 mm isotropic, 144 x 224 x 224 mm: the tumour studies' whole field of view; margin for warping
     "frame": {"shape": [36, 56, 56], "spacing": 4.0, "margin": 4},
     "network": {"transform": [16, 32, 32, 32], "generator": [16, 32, 32, 32], "discriminator": [16, 32, 64], "output_scale_mm": 10.0},
-    "loss": {"gan": True, "weights": dict(dg.WEIGHTS), "window": dg.WINDOW},
+    # similarity: T's direct term, the paper's local_gradient or lncc (dg.SIMILARITIES)
+    "loss": {"gan": True, "similarity": "local_gradient", "weights": dict(dg.WEIGHTS), "window": dg.WINDOW},
     "augment": asdict(kd.DEFAULTS),  # the deformations' magnitudes (known_deformations.Magnitudes)
     "iterations": 1000,
     "batch_size": 1,
@@ -68,6 +77,10 @@ def check_config(config: dict) -> dict:
         raise ConfigError(f"data.task {config['data']['task']!r}: the Deform-GAN trainer knows 'brain_t1t2'")
     if set(config["loss"]["weights"]) != set(dg.WEIGHTS):
         raise ConfigError(f"loss.weights needs exactly {sorted(dg.WEIGHTS)}, got {sorted(config['loss']['weights'])}")
+    if config["data"]["init"] not in ("centres", "affine"):
+        raise ConfigError(f"data.init must be 'centres' or 'affine', got {config['data']['init']!r}")
+    if config["loss"]["similarity"] not in dg.SIMILARITIES:
+        raise ConfigError(f"loss.similarity must be one of {sorted(dg.SIMILARITIES)}, got {config['loss']['similarity']!r}")
     if not isinstance(config["loss"]["gan"], bool):
         raise ConfigError(f"loss.gan must be true or false, got {config['loss']['gan']!r}")
     if config["frame"]["margin"] < 0 or any(s < 8 for s in config["frame"]["shape"]):
@@ -78,7 +91,7 @@ def check_config(config: dict) -> dict:
 @dataclass
 class DeformGANLosses:
     loss: float  # T's total
-    local_gradient: float
+    similarity: float  # T's direct term (loss.similarity), before its weight beta
     smoothness: float
     epe_mm: float  # the batch's end-point error against its known deformation, over the fixed head
     lncc: float = math.nan
@@ -135,7 +148,7 @@ def draw_batch(config: dict, t: int, n_sets: int) -> dict:
 
 class DeformGANTrainer(TrainingRun):
     LOG_COLUMNS: ClassVar[list[str]] = [
-        "iteration", "seconds", "loss", "local_gradient", "lncc", "smoothness", "epe_mm",
+        "iteration", "seconds", "loss", "similarity", "lncc", "smoothness", "epe_mm",
         "g_loss", "g_gan", "g_local_gradient", "g_l1", "d_loss", "d_real", "d_fake",
         "val_epe_mm", "val_rmse", "val_folding_pct",
     ]  # fmt: skip
@@ -153,7 +166,7 @@ class DeformGANTrainer(TrainingRun):
             pairs = kd.known_deformation_pairs(d["root"], n=d["val_pairs"], seed=d["val_seed"], max_voxels=d["val_max_voxels"])
             self.val_pairs = [p for p in pairs if p.group in kd.SPLIT["train"]][: d["val_pairs"]]
         self.gan = c["loss"]["gan"]
-        self.card = dg.model_card(self.frame, c["network"], self.gan)
+        self.card = dg.model_card(self.frame, c["network"], self.gan, d["init"])
         self.modules = dg.build_networks(self.card)
         for module in self.modules.values():
             module.to(self.device)
@@ -189,7 +202,9 @@ class DeformGANTrainer(TrainingRun):
         u = dg.displacement(self.modules["transform"], batch["fixed"], batch["moving"], self.card["architecture"]["output_scale_mm"])
         warped = dg.warp_in_frame(batch["moving_big"], u, self.frame)
         synthesized = self.modules["generator"](warped) if self.gan else None
-        loss, parts = dg.transform_loss(batch["fixed"], warped, synthesized, u, self.grid, c["loss"]["weights"], c["loss"]["window"])
+        loss, parts = dg.transform_loss(
+            batch["fixed"], warped, synthesized, u, self.grid, c["loss"]["weights"], c["loss"]["window"], c["loss"]["similarity"]
+        )
         self._step("transform", loss)
         return u.detach(), warped.detach(), {"loss": loss.item(), **parts}
 

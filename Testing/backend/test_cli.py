@@ -158,7 +158,7 @@ def test_evaluate_quality_reports_agreement_with_known_errors(tmp_path, shared_d
 
 
 def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data, capsys):
-    """--levels/--steps/--similarity reach DIP and iterative, --max-seconds DIP (what ran is in metrics.json); misuse is one line, nothing written."""
+    """--levels/--steps/--similarity/--smooth-weight reach DIP and iterative, --max-seconds DIP (what ran is in metrics.json); misuse is one line, nothing written."""
     out = tmp_path / "dip"
     base = ["--data-root", str(shared_data), "register", "--sample", "mrus", "--init", "centres"]
     assert main([*base, "--method", "dip", "--levels", "4", "--steps", "6", "--out", str(out)]) == 0
@@ -173,8 +173,8 @@ def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data
     # evaluate passes the schedule and the similarity on too (until 2026-12-01 it dropped --similarity for iterative and dip)
     out = tmp_path / "evaluated.json"
     evaluate = ["--data-root", str(shared_data), "evaluate", "--task", "mrus_prostate", "--pairs", "1", "--json", str(out)]
-    assert main([*evaluate, "--method", "iterative", "--levels", "4", "--steps", "3", "--similarity", "mse"]) == 0
-    assert json.loads(out.read_text())["options"] == {"device": "auto", "levels": [4.0], "steps": [3], "similarity": "mse"}
+    assert main([*evaluate, "--method", "iterative", "--levels", "4", "--steps", "3", "--similarity", "mse", "--smooth-weight", "2"]) == 0
+    assert json.loads(out.read_text())["options"] == {"device": "auto", "smooth_weight": 2.0, "levels": [4.0], "steps": [3], "similarity": "mse"}
     capsys.readouterr()
     for args, message in (
         (["--method", "dip", "--levels", "2", "1", "--steps", "100"], "one step count per level"),
@@ -183,6 +183,7 @@ def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data
         (["--method", "adversarial", "--levels", "4", "--steps", "5"], "schedule of dip and iterative"),
         (["--method", "centres", "--similarity", "mae"], "--similarity is for iterative, dip"),
         (["--method", "symmetric", "--similarity", "mae"], "--similarity is for iterative, dip"),  # no --finetune-steps: nothing would use it
+        (["--method", "adversarial", "--smooth-weight", "1"], "--smooth-weight is for --method iterative, dip, segreg"),
     ):
         assert main([*base, *args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err

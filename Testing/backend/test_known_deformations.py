@@ -236,3 +236,17 @@ def test_a_validation_split_is_rejected_and_the_cli_runs_the_task(shared_data, t
     assert report["task"] == "brain_t1t2" and report["summary"]["n_pairs"] == 1
     assert report["summary"]["epe_mm"] > 2.0  # one shared grid: centring moves nothing
     assert main(["--data-root", str(shared_data), "evaluate", "--task", "brain_t1t2", "--split", "val", "--json", str(out)]) == 2
+
+
+def test_the_undeformed_control_has_a_zero_true_field_and_scores_motion_as_error(shared_data):
+    """`brain_t1t2_undeformed`: the held-back pairs with no deformation; the identity scores 0, a shift its length."""
+    report = evaluate_task("brain_t1t2_undeformed", "identity", shared_data, split="test")
+    assert [r["id"] for r in report["pairs"]] == [f"{kd.SPLIT['test'][0]}_T1pre_to_{m}_0" for m in ("T2", "FLAIR")]
+    assert all(r["epe_mm"] == 0.0 for r in report["pairs"])
+
+    def shifted(fixed, moving):
+        return Volume(np.broadcast_to(np.array([0.0, 1.2, 0.0], np.float32)[:, None, None, None], (3, *fixed.shape)).copy(),
+                      fixed.spacing, fixed.origin, fixed.direction)  # fmt: skip
+
+    moved = evaluate_task("brain_t1t2_undeformed", "shift", shared_data, n_pairs=1, split="test", registrar=shifted)
+    assert moved["pairs"][0]["epe_mm"] == pytest.approx(1.2, abs=1e-5)

@@ -123,11 +123,13 @@ def test_peak_memory_is_the_measured_process_own_not_its_parents(shared_data):
 
 def test_a_trained_method_without_a_shipped_model_is_listed_with_the_reason(tmp_path, shared_data):
     out = tmp_path / "bench"
-    assert main(["run", "--tasks", "brain_t1t2", "--pairs", "1", "--methods", "identity", "deformgan", "--peers",
+    assert main(["run", "--tasks", "brain_t1t2", "--pairs", "1", "--split", "test", "--methods", "identity", "deformgan", "--peers",
                  "--data-root", str(shared_data), "--out", str(out)]) == 0
     reports = json.loads((out / "brain_t1t2.json").read_text())
     assert "bench/configs/deformgan_brain.yaml" in reports["deformgan"]["missing"]
     assert reports["identity"]["summary"]["epe_mm"] > 1.0  # the known deformation, unrecovered
+    (pair,) = reports["identity"]["pairs"]
+    assert reports["identity"]["split"] == "test" and pair["id"].startswith("tumor_Study3")  # --split: the held-back set
 
 
 def test_ship_writes_the_test_figures_and_baselines_into_the_card(tmp_path, shared_data):

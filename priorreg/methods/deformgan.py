@@ -33,6 +33,13 @@ frame's edge. T's output times `output_scale_mm` is the displacement in model mm
 is mapped to LPS mm on the fixed grid (`adversarial.to_fixed_grid`). Intensities: robust
 [0, 1] per image (`common.normalise_intensity`), anti-aliased onto the frame
 (`known_deformations.on_grid`).
+
+Initialisation (the card's `preprocessing.init`): `centres` frames each image around its own
+field-of-view centre, and T must find the whole deformation. `affine` first aligns the pair by
+`baselines.mutual_information_affine` (`p -> A p + t`), frames the moving image through it, and T
+predicts what the affine leaves, `r`; the registration is `x -> A (x + r(x)) + t` (no resampling
+of one field by another). A T trained this way (`data.init: affine`, with the small residual
+deformations of its config's `augment`) learns a local problem instead of a global one.
 """
 
 from __future__ import annotations
@@ -49,20 +56,30 @@ from ..known_deformations import on_grid
 from ..models import load_model, restore
 from ..nets.deformgan import PatchDiscriminator, generator_net, transform_net
 from ..registration import Monitor, RegistrationResult
-from ..spatial import Grid, sample
+from ..spatial import Grid, affine_to_field, field_volume, sample
 from ..volume import Volume
 from .adversarial import ModelFrame, frame_centres, to_fixed_grid
+from .baselines import mutual_information_affine
 from .common import normalise_intensity, pick_device
 
 # Section 3.3: alpha (eq. 4, smoothness), beta (eq. 5, local gradient), mu and lambda (eq. 8).
 WEIGHTS = {"alpha": 1.0, "beta": 2.0, "mu": 5.0, "lambda": 100.0}
 WINDOW = 7  # section 3.3: LCC and local gradient windows, 7x7x7 voxels
+# T's direct similarity between the fixed and the warped moving image (`transform_loss`).
+SIMILARITIES = {
+    "local_gradient": lambda fixed, warped, grid, window: losses.local_gradient(fixed, warped, grid, window),
+    "lncc": lambda fixed, warped, grid, window: losses.lncc(fixed, warped, window),
+}
 
 
-def framed(image: Volume, frame: ModelFrame, centre, direction, moving: bool = False) -> torch.Tensor:
-    """`[1, 1, K, J, I]`: robust [0, 1] intensities on the frame (with its margin when `moving`)."""
+def framed(image: Volume, frame: ModelFrame, centre, direction, moving: bool = False, affine=None) -> torch.Tensor:
+    """`[1, 1, K, J, I]`: robust [0, 1] intensities on the frame (with its margin when `moving`).
+
+    `affine` (3x4, frame point -> image point, LPS mm) samples the image through it.
+    """
     grid = frame.physical(centre, direction, moving)
-    return torch.as_tensor(on_grid(image.with_array(normalise_intensity(image.array)), grid).array)[None, None]
+    field = None if affine is None else field_volume(affine_to_field(torch.as_tensor(affine, dtype=torch.float64), grid), grid)
+    return torch.as_tensor(on_grid(image.with_array(normalise_intensity(image.array)), grid, field).array)[None, None]
 
 
 def displacement(transform: nn.Module, fixed: torch.Tensor, moving: torch.Tensor, scale_mm: float) -> torch.Tensor:
@@ -85,12 +102,18 @@ def transform_loss(
     grid: Grid,
     weights: dict = WEIGHTS,
     window: int = WINDOW,
+    similarity: str = "local_gradient",
 ) -> tuple[torch.Tensor, dict]:
-    """Eq. 4-6 (T's loss); `synthesized` None (no G) is VoxelMorph-LG's loss."""
-    lg = losses.local_gradient(fixed, warped, grid, window)
+    """Eq. 4-6 (T's loss); `synthesized` None (no G) is VoxelMorph-LG's loss.
+
+    `similarity` is the direct term between the fixed and the warped image, weighted by beta:
+    the paper's `local_gradient`, or `lncc` (squared local correlation, also blind to which
+    modality is bright): `SIMILARITIES`.
+    """
+    direct = SIMILARITIES[similarity](fixed, warped, grid, window)
     smooth = regularizers.gradient_l2(u, grid)
-    total = weights["beta"] * lg + weights["alpha"] * smooth
-    parts = {"local_gradient": lg.item(), "smoothness": smooth.item()}
+    total = weights["beta"] * direct + weights["alpha"] * smooth
+    parts = {"similarity": direct.item(), "smoothness": smooth.item()}
     if synthesized is not None:
         cc = losses.lncc(fixed, synthesized, window)
         total = total + cc
@@ -177,15 +200,25 @@ def register_deformgan(
     loaded: LoadedDeformGAN | None = None,
 ) -> RegistrationResult:
     """Register with one forward pass of T in the model frame; the field is in LPS mm on the fixed grid."""
-    monitor = Monitor(1, progress, cancel)
     net = loaded or LoadedDeformGAN.load(model, device)
     init = init or net.card["preprocessing"]["init"]
+    monitor = Monitor(2 if init == "affine" else 1, progress, cancel)
     fg, mg = Grid.of(fixed), Grid.of(moving)
-    cf, cm = frame_centres(fg, mg, init)
+    affine = None
+    if init == "affine":
+        affine = mutual_information_affine(fixed, moving)
+        monitor.tick("affine", float("nan"))
+        cf = cm = fg.center
+    else:
+        cf, cm = frame_centres(fg, mg, init)
     f = framed(fixed, net.frame, cf, fg.direction).to(net.device)
-    m = framed(moving, net.frame, cm, fg.direction).to(net.device)
+    m = framed(moving, net.frame, cm, fg.direction, affine=affine).to(net.device)
     with torch.no_grad():
         u = displacement(net.transform, f, m, net.scale_mm)
     field = to_fixed_grid(u, fg, net.frame.physical(cf, fg.direction), np.asarray(cf), np.asarray(cm))
+    if affine is not None:  # x -> A (x + r(x)) + t
+        x = fg.physical_points()
+        moved = (x + np.moveaxis(field.array.astype(np.float64), 0, -1)) @ affine[:, :3].T + affine[:, 3] - x
+        field = field.with_array(np.moveaxis(moved, -1, 0).astype(field.array.dtype))
     monitor.tick("inference", float("nan"))
     return RegistrationResult.from_field(field, moving, "deformgan", monitor.elapsed, history=monitor.history)
