@@ -42,7 +42,7 @@ def mutual_information_affine(fixed: Volume, moving: Volume) -> np.ndarray:
 
     Initialised by aligning the intensity centres of mass (ANTs' default start; MR and TRUS headers
     are in unrelated frames), then 12 parameters by regular-step gradient descent over 3 levels (shrink
-    4, 2, 1) on a fixed 10 % random sample of voxels (seeded, so runs repeat). Nothing constrains the
+    4, 2, 1) on a fixed 10 % random sample of voxels (seeded: runs repeat to micrometres). Nothing constrains the
     determinant, as in the tools users have. SimpleITK's thread count is the caller's (its global default).
     """
     f = sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32)

@@ -18,6 +18,7 @@ its docstring), so here every term is added:
   LCC compares R with G's *translation* (a mono-modal comparison), LG compares R with the
   warped moving image itself (it works across modalities). `|grad u|^2` is
   `regularizers.gradient_l2` in mm per mm (dimensionless, as the paper's voxel version).
+  `similarity="lncc"` (config `loss.similarity`) puts `lncc(R, F(phi))` in LG's place.
 - Eq. 8, G: `L_G = GAN + mu * LG(F'(phi), F(phi)) + lambda * L1(F'(phi), R)`, mu = 5 (the
   gradient constraint to the source), lambda = 100 (L1 to the reference); GAN is the
   non-saturating `-log D(F(phi), F'(phi))`.
