@@ -60,7 +60,7 @@ DEFAULTS: dict = {
     # 4 mm isotropic, 144 x 224 x 224 mm: the tumour studies' whole field of view; margin for warping
     "frame": {"shape": [36, 56, 56], "spacing": 4.0, "margin": 4},
     "network": {"transform": [16, 32, 32, 32], "generator": [16, 32, 32, 32], "discriminator": [16, 32, 64], "output_scale_mm": 10.0},
-    # similarity: T's direct term, the paper's local_gradient or lncc (dg.SIMILARITIES)
+    # similarity: T's direct term, the paper's local_gradient or lncc (dg.DIRECT_SIMILARITIES)
     "loss": {"gan": True, "similarity": "local_gradient", "weights": dict(dg.WEIGHTS), "window": dg.WINDOW},
     "augment": asdict(kd.DEFAULTS),  # the deformations' magnitudes (known_deformations.Magnitudes)
     "iterations": 1000,
@@ -79,8 +79,8 @@ def check_config(config: dict) -> dict:
         raise ConfigError(f"loss.weights needs exactly {sorted(dg.WEIGHTS)}, got {sorted(config['loss']['weights'])}")
     if config["data"]["init"] not in ("centres", "affine"):
         raise ConfigError(f"data.init must be 'centres' or 'affine', got {config['data']['init']!r}")
-    if config["loss"]["similarity"] not in dg.SIMILARITIES:
-        raise ConfigError(f"loss.similarity must be one of {sorted(dg.SIMILARITIES)}, got {config['loss']['similarity']!r}")
+    if config["loss"]["similarity"] not in dg.DIRECT_SIMILARITIES:
+        raise ConfigError(f"loss.similarity must be one of {list(dg.DIRECT_SIMILARITIES)}, got {config['loss']['similarity']!r}")
     if not isinstance(config["loss"]["gan"], bool):
         raise ConfigError(f"loss.gan must be true or false, got {config['loss']['gan']!r}")
     if config["frame"]["margin"] < 0 or any(s < 8 for s in config["frame"]["shape"]):

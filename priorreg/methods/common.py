@@ -51,15 +51,16 @@ def label_channels(labels: Volume) -> np.ndarray:
     return np.stack([(a == v) for v in values]).astype(np.float32)
 
 
-def similarity_loss(name: str, fixed: torch.Tensor, warped: torch.Tensor, grid: Grid) -> torch.Tensor:
+def similarity_loss(name: str, fixed: torch.Tensor, warped: torch.Tensor, grid: Grid, window: int = 7) -> torch.Tensor:
+    """One of `SIMILARITIES` (lower is better); `window` (voxels) is that of the local ones, lncc and local_gradient."""
     if name == "lncc":
-        return losses.lncc(fixed, warped)
+        return losses.lncc(fixed, warped, window)
     if name == "mse":
         return losses.mse(fixed, warped)
     if name == "mae":
         return losses.mae(fixed, warped)
     if name == "local_gradient":
-        return losses.local_gradient(fixed, warped, grid)
+        return losses.local_gradient(fixed, warped, grid, window)
     raise ValueError(f"similarity must be one of {SIMILARITIES}, got {name!r}")
 
 

@@ -61,16 +61,13 @@ from ..spatial import Grid, affine_to_field, field_volume, sample
 from ..volume import Volume
 from .adversarial import ModelFrame, frame_centres, to_fixed_grid
 from .baselines import mutual_information_affine
-from .common import normalise_intensity, pick_device
+from .common import normalise_intensity, pick_device, similarity_loss
 
 # Section 3.3: alpha (eq. 4, smoothness), beta (eq. 5, local gradient), mu and lambda (eq. 8).
 WEIGHTS = {"alpha": 1.0, "beta": 2.0, "mu": 5.0, "lambda": 100.0}
 WINDOW = 7  # section 3.3: LCC and local gradient windows, 7x7x7 voxels
-# T's direct similarity between the fixed and the warped moving image (`transform_loss`).
-SIMILARITIES = {
-    "local_gradient": lambda fixed, warped, grid, window: losses.local_gradient(fixed, warped, grid, window),
-    "lncc": lambda fixed, warped, grid, window: losses.lncc(fixed, warped, window),
-}
+# T's direct similarity between the fixed and the warped moving image (`transform_loss`): the paper's, or LNCC.
+DIRECT_SIMILARITIES = ("local_gradient", "lncc")
 
 
 def framed(image: Volume, frame: ModelFrame, centre, direction, moving: bool = False, affine=None) -> torch.Tensor:
@@ -109,9 +106,11 @@ def transform_loss(
 
     `similarity` is the direct term between the fixed and the warped image, weighted by beta:
     the paper's `local_gradient`, or `lncc` (squared local correlation, also blind to which
-    modality is bright): `SIMILARITIES`.
+    modality is bright): `DIRECT_SIMILARITIES`, computed by `common.similarity_loss`.
     """
-    direct = SIMILARITIES[similarity](fixed, warped, grid, window)
+    if similarity not in DIRECT_SIMILARITIES:
+        raise ValueError(f"similarity must be one of {DIRECT_SIMILARITIES}, got {similarity!r}")
+    direct = similarity_loss(similarity, fixed, warped, grid, window)
     smooth = regularizers.gradient_l2(u, grid)
     total = weights["beta"] * direct + weights["alpha"] * smooth
     parts = {"similarity": direct.item(), "smoothness": smooth.item()}
