@@ -155,10 +155,11 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
         """Register `moving` to `fixed`; returns `priorreg.slicer.RegistrationOutputs` (the new nodes).
 
         `model`: a shipped model name or a `.safetensors` path; its card's method (adversarial,
-        symmetric, glands: segment the gland in both images, register the segmentations, or segreg:
-        the same for the structures of one modality, e.g. the hippocampus) is run.
+        symmetric, deformgan, glands: segment the gland in both images, register the segmentations,
+        or segreg: the same for the structures of one modality, e.g. the hippocampus) is run.
         `finetune_steps` > 0 first tunes a copy of an adversarial or symmetric network on this
-        pair, on the segmentations (both needed); a glands model takes the segmentations' first
+        pair, on the segmentations (both needed), or of a deformgan network on the images (its
+        training loss, no segmentations needed); a glands model takes the segmentations' first
         segments as the glands, in place of its own, and a segreg model their segments as its
         structures, in its card's order. `quality_model`: the AIR-net critic that scores the
         result (`outputs.quality`); by default a shipped critic trained on the model's data set, none
@@ -170,7 +171,7 @@ class AdversarialRegistrationLogic(ScriptedLoadableModuleLogic):
         if method not in REGISTRATION_NETWORKS:
             raise ValueError(f"model '{model}' is a {method!r} model; choose a registration network ({', '.join(REGISTRATION_NETWORKS)})")
         if finetune_steps and method not in FINETUNED:
-            raise ValueError(f"model '{model}' is a {method!r} model; fine-tuning is for {' and '.join(FINETUNED)} networks")
+            raise ValueError(f"model '{model}' is a {method!r} model; fine-tuning is for {', '.join(FINETUNED)} networks")
         if quality_model == MATCHING_CRITIC:
             quality_model = matching_critic(card)
         options = {"model": model, "device": device}

@@ -107,7 +107,7 @@ def ship(results: Path, variant: str, name: str, dest: Path, baselines: list[Pat
         "test_patients": (card["training"].get("patients") or card["training"]["split"])["test"],  # Deform-GAN's: sets
         "summary": report["summary"],
         **({"tre_median_iqr_mm": _median_iqr(tre)} if tre else {}),
-        ("gland_dice_median_iqr" if mrus else "dice_median_iqr"): _median_iqr(dice),
+        **({("gland_dice_median_iqr" if mrus else "dice_median_iqr"): _median_iqr(dice)} if dice else {}),
         "baselines": {
             **{k: reports[k]["summary"] for k in ("identity", "centres") if k in reports and "pairs" not in reports},
             **{_baseline_name(b): b["summary"] for b in (_baseline(path, report) for path in baselines)},
@@ -118,12 +118,15 @@ def ship(results: Path, variant: str, name: str, dest: Path, baselines: list[Pat
 
 
 def _baseline_name(report: dict) -> str:
-    """The method, and the expert labels it was given where it was (a label-driven reference, not a method)."""
+    """The method, fine-tuned on each pair where it was, and the expert labels it was given where it was
+    (a label-driven reference, not a method)."""
+    steps = (report.get("options") or {}).get("finetune_steps")
+    method = f"{report['method']} fine-tuned {steps} steps on each pair" if steps else report["method"]
     channels, roles = report.get("label_channels"), report.get("label_roles") or ["fixed", "moving"]
     if not channels:
-        return report["method"]
+        return method
     whose = "" if len(roles) == 2 else f" of the {roles[0]} image"
-    return f"{report['method']} with expert label channels {channels}{whose}"
+    return f"{method} with expert label channels {channels}{whose}"
 
 
 def _baseline(path: Path, report: dict) -> dict:

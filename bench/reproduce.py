@@ -156,6 +156,14 @@ STEPS: tuple[Step, ...] = (
                 f"{RESULTS}/deformgan_logs/peers/*", f"{RESULTS}/deformgan_logs/iterative_smooth*_test.json"),  # fmt: skip
     ),
     Step(
+        "deformgan_shipped",  # the shipped Deform-GAN on the held-back set (one pass; fine-tuned on each pair) and on training-set deformations
+        tuple(
+            _evaluate("brain_t1t2", "deformgan", f"{RESULTS}/deformgan_logs/deformgan_{name}.json", split, f" --device cpu{extra}")
+            for name, split, extra in (("test", "test", ""), ("finetune100_test", "test", " --finetune-steps 100"), ("train", "train", ""))
+        ),
+        writes=tuple(f"{RESULTS}/deformgan_logs/deformgan_{name}.json" for name in ("test", "finetune100_test", "train")),
+    ),
+    Step(
         "dip_oasis",  # the OASIS suite's DIP setting (one 1/4 level, 5 minutes) with MAE and LNCC, and iterative at that one level
         tuple(
             _evaluate("oasis", method, f"{RESULTS}/dip_logs/oasis_{method}_quarter_{sim}.json", "all",
@@ -249,15 +257,16 @@ STEPS: tuple[Step, ...] = (
     ),
     Step(
         "deformgan",
-        tuple(_train(name, name) for name in ("deformgan_brain", "voxelmorph_brain", "voxelmorph_lg_brain"))
-        + tuple(
-            _evaluate("brain_t1t2", "deformgan", f"{RESULTS}/deformgan_logs/{name}_{split}.json", split,
-                      f" --device cpu --model {{runs}}/{run}/{run}.safetensors")  # fmt: skip
-            for name, run, split in (("deformgan", "deformgan_brain", "test"), ("voxelmorph", "voxelmorph_brain", "test"),
-                                     ("voxelmorph_lg", "voxelmorph_lg_brain", "test"), ("deformgan", "deformgan_brain", "train"))  # fmt: skip
+        tuple(_train(name, name) for name in ("deformgan_brain", "voxelmorph_brain", "voxelmorph_lg_brain", "deformgan_brain_untrained"))
+        + tuple(  # the shipped Deform-GAN is evaluated by deformgan_shipped; these are what it is compared with
+            _evaluate("brain_t1t2", "deformgan", f"{RESULTS}/deformgan_logs/{name}_test.json", "test",
+                      f" --device cpu --model {{runs}}/{run}/{run}.safetensors{extra}")  # fmt: skip
+            for name, run, extra in (("voxelmorph", "voxelmorph_brain", ""), ("voxelmorph_lg", "voxelmorph_lg_brain", ""),
+                                     ("voxelmorph_finetune100", "voxelmorph_brain", " --finetune-steps 100"),
+                                     ("deformgan_untrained_finetune100", "deformgan_brain_untrained", " --finetune-steps 100"))  # fmt: skip
         ),
-        writes=(*(f"{RESULTS}/deformgan_logs/deformgan_{n}" for n in ("test.json", "train.json", "log.csv")),
-                f"{RESULTS}/deformgan_logs/voxelmorph_*"),  # fmt: skip
+        writes=(f"{RESULTS}/deformgan_logs/deformgan_log.csv", f"{RESULTS}/deformgan_logs/voxelmorph_*",
+                f"{RESULTS}/deformgan_logs/deformgan_untrained_*"),  # fmt: skip
         needs=TRAIN,
         copies=tuple(("{runs}/%s_brain/log.csv" % name, f"{RESULTS}/deformgan_logs/{name}_log.csv")
                      for name in ("deformgan", "voxelmorph", "voxelmorph_lg")),  # fmt: skip

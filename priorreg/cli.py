@@ -110,7 +110,7 @@ def _similarity_option(args) -> dict:
     if args.method in OPTIMISED or (args.method in FINETUNED and args.finetune_steps):
         return {"similarity": args.similarity}
     raise VolumeError(
-        f"--similarity is for iterative, dip, and --finetune-steps of {' and '.join(FINETUNED)}; not for --method {args.method}"
+        f"--similarity is for iterative, dip, and --finetune-steps of {', '.join(FINETUNED)}; not for --method {args.method}"
     )
 
 
@@ -156,6 +156,8 @@ def cmd_register(args) -> int:
         options.update(_chosen_labels(args, fixed_labels, moving_labels))
     elif args.method in FINETUNED and args.finetune_steps:
         options.update(_finetune_options(args))
+        if args.method == "deformgan" and args.label_channels is not None:
+            raise VolumeError("--label-channels: Deform-GAN fine-tunes on the images alone (its training loss), not on labels")
         options.update(_driving_labels(args, fixed_labels, moving_labels))
     print(f"registering {moving_path} -> {fixed_path} with {args.method}", file=sys.stderr)
     result = register(fixed, moving, method=args.method, progress=_progress_bar(args.method), **options)
@@ -343,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--similarity",
         choices=["lncc", "mse", "local_gradient", "mae"],
-        help="default: lncc for iterative and symmetric fine-tuning, mae for dip (the paper's), none for adversarial fine-tuning",
+        help="default: lncc for iterative and symmetric fine-tuning, mae for dip (the paper's), the card's for deformgan "
+        "fine-tuning (lncc or local_gradient only), none for adversarial fine-tuning",
     )
     r.add_argument("--init", default="geometry", choices=["geometry", "centres"], help="iterative, dip (adversarial: its card's)")
     r.add_argument(
@@ -353,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument(
         "--finetune-steps", type=int, default=0,
-        help="adversarial, symmetric: fine-tune a copy of the network on this pair first (with --label-channels and/or --similarity)",
+        help="adversarial, symmetric, deformgan: fine-tune a copy of the network on this pair first (adversarial, symmetric: "
+        "with --label-channels and/or --similarity; deformgan: on its training loss)",
     )  # fmt: skip
     r.add_argument(
         "--levels", type=float, nargs="+",
@@ -409,10 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     v.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
     v.add_argument("--smooth-weight", type=float, help="iterative, dip, segreg: the field's smoothness weight (default: the method's)")
-    v.add_argument("--finetune-steps", type=int, default=0, help="adversarial, symmetric: fine-tune on each pair's images first")
+    v.add_argument("--finetune-steps", type=int, default=0, help="adversarial, symmetric, deformgan: fine-tune on each pair's images first")
     v.add_argument(
         "--similarity", choices=["lncc", "mse", "local_gradient", "mae"],
-        help="iterative, dip: the image similarity; adversarial, symmetric: that of --finetune-steps (default: the method's)",
+        help="iterative, dip: the image similarity; adversarial, symmetric, deformgan: that of --finetune-steps (default: the method's)",
     )
     v.add_argument(
         "--levels", type=float, nargs="+",

@@ -23,7 +23,7 @@ from .files import atomic_write
 SHIPPED = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 # Model-card methods whose networks can be fine-tuned on the pair at hand (the CLI's --finetune-steps, the
 # registration panel's fine-tuning): here, torch-free, so that the panels can read it before torch is installed.
-FINETUNED = ("adversarial", "symmetric")
+FINETUNED = ("adversarial", "symmetric", "deformgan")
 
 
 def model_dirs() -> list[Path]:

@@ -293,3 +293,41 @@ def test_mutual_information_affine_recovers_a_known_affine_and_an_untrained_t_ad
     untrained = dg.LoadedDeformGAN(dg.build_networks(card)["transform"].eval(), card, "cpu")
     field = dg.register_deformgan(v.fixed, v.moving, loaded=untrained).field
     np.testing.assert_allclose(field.array, affine.array, atol=0.05)
+
+
+def test_finetuning_the_shipped_model_on_a_held_back_pair_lowers_its_error_and_changes_no_weights(shared_data):
+    """Test-time fine-tuning of T on a held-back pair's images (no labels): a lower end-point error than one
+    pass, still no folding; the shipped model, on disk and in memory, unchanged."""
+    import hashlib
+
+    from priorreg.evaluate import TASKS
+    from priorreg.jacobian import jacobian_stats
+    from priorreg.models import resolve_model
+
+    path = resolve_model("deformgan_brain")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = dg.LoadedDeformGAN.load(path, "cpu")
+    before = {k: w.clone() for k, w in model.transform.state_dict().items()}
+    pair = next(p for p in TASKS["brain_t1t2"][0](shared_data, 1, 0) if p.group in kd.SPLIT["test"])
+    v = pair.load()
+    plain = dg.register_deformgan(v.fixed, v.moving, loaded=model)
+    seen = []
+    tuned = dg.register_deformgan(v.fixed, v.moving, loaded=model, finetune_steps=30, progress=seen.append)
+    plain_epe, tuned_epe = (kd.end_point_error(r.field, v.true_field, v.mask)["epe_mm"] for r in (plain, tuned))
+    assert tuned_epe < plain_epe - 0.2, (plain_epe, tuned_epe)
+    assert tuned.method == "deformgan+finetune" and jacobian_stats(tuned.field)["folding_pct"] == 0
+    assert [p.stage for p in seen] == ["affine"] + ["fine-tune"] * 30 + ["inference"]
+    assert all(torch.equal(before[k], w) for k, w in model.transform.state_dict().items())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_finetuning_refuses_labels_and_a_similarity_t_was_not_trained_for(shared_data, capsys, tmp_path):
+    """Deform-GAN fine-tunes on its own training loss: other similarities and labels are one clear line, before any work."""
+    fixed = Volume(np.zeros((8, 8, 8), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    with pytest.raises(ValueError, match="local_gradient, lncc"):
+        dg.register_deformgan(fixed, fixed, model="no such model", finetune_steps=3, similarity="mse")
+    base = ["--data-root", str(shared_data), "register", "--sample", "mrus", "--method", "deformgan", "--finetune-steps", "3"]
+    assert main([*base, "--label-channels", "0", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "fine-tunes on the images alone" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

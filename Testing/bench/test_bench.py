@@ -121,15 +121,21 @@ def test_peak_memory_is_the_measured_process_own_not_its_parents(shared_data):
     del ballast
 
 
-def test_a_trained_method_without_a_shipped_model_is_listed_with_the_reason(tmp_path, shared_data):
-    out = tmp_path / "bench"
-    assert main(["run", "--tasks", "brain_t1t2", "--pairs", "1", "--split", "test", "--methods", "identity", "deformgan", "--peers",
-                 "--data-root", str(shared_data), "--out", str(out)]) == 0
-    reports = json.loads((out / "brain_t1t2.json").read_text())
-    assert "bench/configs/deformgan_brain.yaml" in reports["deformgan"]["missing"]
-    assert reports["identity"]["summary"]["epe_mm"] > 1.0  # the known deformation, unrecovered
+def test_a_trained_method_runs_its_shipped_model_and_without_one_is_listed_with_the_reason(tmp_path, shared_data, monkeypatch):
+    import bench.__main__ as bench_main
+
+    def run(out):
+        assert main(["run", "--tasks", "brain_t1t2", "--pairs", "1", "--split", "test", "--methods", "identity", "deformgan",
+                     "--peers", "--data-root", str(shared_data), "--out", str(out)]) == 0  # fmt: skip
+        return json.loads((out / "brain_t1t2.json").read_text())
+
+    reports = run(tmp_path / "shipped")
+    assert reports["identity"]["summary"]["epe_mm"] > 5.0  # the known deformation, unrecovered
     (pair,) = reports["identity"]["pairs"]
     assert reports["identity"]["split"] == "test" and pair["id"].startswith("tumor_Study3")  # --split: the held-back set
+    assert reports["deformgan"]["summary"]["epe_mm"] < 3.0 and reports["deformgan"]["pairs"][0]["id"] == pair["id"]
+    monkeypatch.setattr(bench_main, "available_models", lambda: {})  # as on a checkout without Resources/Models
+    assert "bench/configs/deformgan_brain.yaml" in run(tmp_path / "unshipped")["deformgan"]["missing"]
 
 
 def test_ship_writes_the_test_figures_and_baselines_into_the_card(tmp_path, shared_data):
@@ -226,10 +232,12 @@ def test_airnet_comparison_scores_models_and_merges_runs(tmp_path, shared_data, 
         main(["airnet", "--models", str(other), "--merge", *common[:-3], "3", "--out", str(out)])
 
 
-def test_a_baseline_given_expert_labels_is_named_for_whose_labels():
+def test_a_baseline_is_named_for_its_fine_tuning_and_whose_expert_labels_it_was_given():
     from bench.regularizers import _baseline_name
 
     assert _baseline_name({"method": "centres", "label_channels": None}) == "centres"
+    tuned = {"method": "deformgan", "options": {"finetune_steps": 100}, "label_channels": None}
+    assert _baseline_name(tuned) == "deformgan fine-tuned 100 steps on each pair"
     both = {"method": "glands", "label_channels": [0], "label_roles": ["fixed", "moving"]}
     assert _baseline_name(both) == "glands with expert label channels [0]"
     assert _baseline_name({**both, "label_roles": ["moving"]}) == "glands with expert label channels [0] of the moving image"

@@ -45,6 +45,7 @@ deformations of its config's `augment`) learns a local problem instead of a glob
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 
 import numpy as np
@@ -197,12 +198,25 @@ def register_deformgan(
     init: str | None = None,
     progress=None,
     cancel=None,
+    finetune_steps: int = 0,
+    finetune_lr: float = 1e-4,
+    similarity: str | None = None,
     loaded: LoadedDeformGAN | None = None,
 ) -> RegistrationResult:
-    """Register with one forward pass of T in the model frame; the field is in LPS mm on the fixed grid."""
+    """Register with one forward pass of T in the model frame; the field is in LPS mm on the fixed grid.
+
+    With `finetune_steps`, a *copy* of T is first optimised on this pair (test-time instance
+    optimisation): Adam on its weights, minimising T's own training loss without G, `beta x
+    similarity(fixed, warped) + alpha x |grad u|^2` with the weights and window of the card's
+    training config. `similarity` (one of `DIRECT_SIMILARITIES`) defaults to the card's. No
+    labels are needed, unlike the label-driven networks' fine-tuning. The loaded weights, in memory
+    and on disk, are never changed.
+    """
+    if similarity is not None and similarity not in DIRECT_SIMILARITIES:
+        raise ValueError(f"Deform-GAN fine-tunes T on one of {', '.join(DIRECT_SIMILARITIES)}, not {similarity!r}")
     net = loaded or LoadedDeformGAN.load(model, device)
     init = init or net.card["preprocessing"]["init"]
-    monitor = Monitor(2 if init == "affine" else 1, progress, cancel)
+    monitor = Monitor((2 if init == "affine" else 1) + finetune_steps, progress, cancel)
     fg, mg = Grid.of(fixed), Grid.of(moving)
     affine = None
     if init == "affine":
@@ -213,12 +227,42 @@ def register_deformgan(
         cf, cm = frame_centres(fg, mg, init)
     f = framed(fixed, net.frame, cf, fg.direction).to(net.device)
     m = framed(moving, net.frame, cm, fg.direction, affine=affine).to(net.device)
+    transform = net.transform
+    if finetune_steps:
+        m_big = framed(moving, net.frame, cm, fg.direction, moving=True, affine=affine).to(net.device)
+        transform = finetune(net, f, m, m_big, finetune_steps, finetune_lr, similarity, monitor)
     with torch.no_grad():
-        u = displacement(net.transform, f, m, net.scale_mm)
+        u = displacement(transform, f, m, net.scale_mm)
     field = to_fixed_grid(u, fg, net.frame.physical(cf, fg.direction), np.asarray(cf), np.asarray(cm))
     if affine is not None:  # x -> A (x + r(x)) + t
         x = fg.physical_points()
         moved = (x + np.moveaxis(field.array.astype(np.float64), 0, -1)) @ affine[:, :3].T + affine[:, 3] - x
         field = field.with_array(np.moveaxis(moved, -1, 0).astype(field.array.dtype))
     monitor.tick("inference", float("nan"))
-    return RegistrationResult.from_field(field, moving, "deformgan", monitor.elapsed, history=monitor.history)
+    name = "deformgan+finetune" if finetune_steps else "deformgan"
+    return RegistrationResult.from_field(field, moving, name, monitor.elapsed, history=monitor.history)
+
+
+def finetune(
+    net: LoadedDeformGAN, fixed, moving, moving_big, steps: int, lr: float, similarity: str | None, monitor: Monitor
+) -> nn.Module:
+    """A copy of `net.transform` after `steps` Adam steps on one framed pair (see `register_deformgan`).
+
+    `moving` is T's input on the frame, `moving_big` the same image with the frame's margin, which
+    the warp samples.
+    """
+    config = net.card.get("training", {}).get("config", {})
+    trained = config.get("loss", {})
+    similarity = similarity or trained.get("similarity", "local_gradient")
+    weights, window = {**WEIGHTS, **trained.get("weights", {})}, trained.get("window", WINDOW)
+    grid = net.frame.canonical()
+    tuned = copy.deepcopy(net.transform).train()
+    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
+    for _ in range(steps):
+        u = displacement(tuned, fixed, moving, net.scale_mm)
+        loss = transform_loss(fixed, warp_in_frame(moving_big, u, net.frame), None, u, grid, weights, window, similarity)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        monitor.tick("fine-tune", loss.item())
+    return tuned.eval()

@@ -27,7 +27,7 @@ from .transforms import transform_node_from_field
 from .volumes import node_from_volume, volume_from_node
 
 # DICOM modality codes of (fixed, moving) images in each training data set a model card can name.
-TASK_MODALITIES = {"mrus_prostate": ("US", "MR"), "hippocampus": ("MR", "MR"), "oasis": ("MR", "MR")}
+TASK_MODALITIES = {"mrus_prostate": ("US", "MR"), "hippocampus": ("MR", "MR"), "oasis": ("MR", "MR"), "brain_t1t2": ("MR", "MR")}
 
 # The Jacobian map's display: det J from 0 to 2 spans the colour table, so 1 (volume kept) is its centre
 # and the first entry (det J <= 0, folding) gets a colour of its own.
@@ -39,7 +39,7 @@ _SHRINK_RGB, _KEEP_RGB, _GROW_RGB = np.array([0.23, 0.30, 0.75]), np.array([0.97
 
 # Model-card methods of the trained networks the registration panel offers (the card says which to run;
 # `models.FINETUNED` says which of them can be fine-tuned on the pair at hand).
-REGISTRATION_NETWORKS = ("adversarial", "symmetric", "glands", "segreg")
+REGISTRATION_NETWORKS = ("adversarial", "symmetric", "glands", "segreg", "deformgan")
 
 # Passed by register_nodes itself, never through `options`.
 _RESERVED_OPTIONS = ("fixed_labels", "moving_labels", "progress", "cancel")
@@ -241,6 +241,7 @@ def model_summary(card: dict) -> str:
         for key, label, fmt in (
             ("val_dice", "validation segmentation Dice" if segmenter else "validation Dice", ".2f"),
             ("val_tre_median_mm", "median TRE (mm)", ".1f"),
+            ("val_epe_mm", "validation end-point error (mm)", ".1f"),
             ("val_dice_fixed", "validation gland Dice, fixed", ".2f"),
             ("val_dice_moving", "moving", ".2f"),
         )
