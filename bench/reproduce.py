@@ -10,7 +10,7 @@ the reason), every step's command parses with today's command lines, and the shi
 training configs are trained by a step.
 
 By default the steps that need only the shipped models, the peers and `../shared` run (about
-3.75 hours on 2 CPU threads, most of it the per-pair optimisers on brains and the speed suite);
+4.75 hours on 2 CPU threads, most of it the per-pair optimisers on brains and the speed suite);
 `--train` adds the training runs (several more hours; the symmetric network's needs a GPU), which
 write into `--runs` and never over `Resources/Models`. `--list` prints the commands;
 `--only NAME ...` runs some. The last step rewrites the README's results block (`python -m bench readme`).
