@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,11 @@ from cmake_lists import SCRIPTED_MODULE_KEYWORDS, read_cmake, sections
 from module_imports import priorreg_closure
 
 from priorreg.slicer.dependencies import REQUIREMENTS
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the test extra installs tomli
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDED_BY_SLICER = {"slicer", "vtk", "qt", "ctk", "PyTorchUtils"}  # PyTorchUtils: the PyTorch extension
