@@ -243,7 +243,8 @@ STEPS: tuple[Step, ...] = (
         (_train("segreg_hippocampus", "segreg_hippocampus"),
          *(_evaluate("hippocampus", "segreg", f"{RESULTS}/segreg_logs/segreg_hippocampus_val{suffix}.json", "val",
                      f" --model {{runs}}/segreg_hippocampus/segreg_hippocampus.safetensors{extra}")
-           for suffix, extra in (("", ""), ("_smooth0.5", " --smooth-weight 0.5"), ("_smooth0.2", " --smooth-weight 0.2")))),  # fmt: skip
+           for suffix, extra in (("", ""), ("_smooth0.5", " --smooth-weight 0.5"), ("_smooth0.2", " --smooth-weight 0.2"),
+                                   ("_image0.1", " --image-weight 0.1")))),  # fmt: skip
         writes=(f"{RESULTS}/segreg_logs/*",),
         needs=TRAIN,
         copies=(("{runs}/segreg_hippocampus/log.csv", f"{RESULTS}/segreg_logs/segreg_hippocampus_log.csv"),  # a row per member, one for both

@@ -29,6 +29,7 @@ OPTIMISED = ("iterative", "dip")  # per-pair optimisers, no model: --init, --sim
 LABEL_DRIVEN = (*OPTIMISED, "glands", "segreg")  # methods that take segmentations to align (--label-channels)
 SEGMENTING = ("glands", "segreg")  # methods that segment an image whose labels are not given
 SMOOTHED = (*OPTIMISED, "segreg")  # methods with a smoothness weight to set (--smooth-weight)
+IMAGE_WEIGHTED = ("iterative", "segreg")  # methods weighing an image similarity beside their labels (--image-weight)
 DEFAULT_MODELS = {  # --method -> shipped model
     "adversarial": "adversarial_mrus",
     "airnet": "airnet_mrus",
@@ -71,12 +72,14 @@ def _method_options(args) -> dict:
         raise VolumeError(f"--smooth-mm is for --method symmetric, not {args.method}")
     if args.smooth_weight is not None and args.method not in SMOOTHED:
         raise VolumeError(f"--smooth-weight is for --method {', '.join(SMOOTHED)}, not {args.method}")
+    if args.image_weight is not None and args.method not in IMAGE_WEIGHTED:
+        raise VolumeError(f"--image-weight is for --method {', '.join(IMAGE_WEIGHTED)}, not {args.method}")
+    given = {"smooth_mm": args.smooth_mm, "smooth_weight": args.smooth_weight, "image_weight": args.image_weight}
+    weights = {k: v for k, v in given.items() if v is not None}
     if args.method in OPTIMISED:
-        return {"device": args.device, **({} if args.smooth_weight is None else {"smooth_weight": args.smooth_weight})}
+        return {"device": args.device, **weights}
     if args.method in DEFAULT_MODELS:
-        given = {"smooth_mm": args.smooth_mm, "smooth_weight": args.smooth_weight}
-        smooth = {k: v for k, v in given.items() if v is not None}
-        return {"device": args.device, "model": args.model or DEFAULT_MODELS[args.method], **smooth}
+        return {"device": args.device, "model": args.model or DEFAULT_MODELS[args.method], **weights}
     return {}
 
 
@@ -368,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
     r.add_argument("--smooth-weight", type=float, help="iterative, dip, segreg: the field's smoothness weight (default: the method's)")
+    r.add_argument("--image-weight", type=float, help="iterative, segreg: the image similarity's weight beside the labels' (default: the method's)")
     r.add_argument("--passes", type=int, default=1, help="airnet: generator passes, each undoing the remaining misalignment")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=cmd_register)
@@ -413,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     v.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
     v.add_argument("--smooth-weight", type=float, help="iterative, dip, segreg: the field's smoothness weight (default: the method's)")
+    v.add_argument("--image-weight", type=float, help="iterative, segreg: the image similarity's weight beside the labels' (default: the method's)")
     v.add_argument("--finetune-steps", type=int, default=0, help="adversarial, symmetric, deformgan: fine-tune on each pair's images first")
     v.add_argument(
         "--similarity", choices=["lncc", "mse", "local_gradient", "mae"],

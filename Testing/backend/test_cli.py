@@ -173,8 +173,9 @@ def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data
     # evaluate passes the schedule and the similarity on too (until 2026-12-01 it dropped --similarity for iterative and dip)
     out = tmp_path / "evaluated.json"
     evaluate = ["--data-root", str(shared_data), "evaluate", "--task", "mrus_prostate", "--pairs", "1", "--json", str(out)]
-    assert main([*evaluate, "--method", "iterative", "--levels", "4", "--steps", "3", "--similarity", "mse", "--smooth-weight", "2"]) == 0
-    assert json.loads(out.read_text())["options"] == {"device": "auto", "smooth_weight": 2.0, "levels": [4.0], "steps": [3], "similarity": "mse"}
+    assert main([*evaluate, "--method", "iterative", "--levels", "4", "--steps", "3", "--similarity", "mse", "--smooth-weight", "2", "--image-weight", "0.5"]) == 0
+    options = {"device": "auto", "smooth_weight": 2.0, "image_weight": 0.5, "levels": [4.0], "steps": [3], "similarity": "mse"}
+    assert json.loads(out.read_text())["options"] == options
     capsys.readouterr()
     for args, message in (
         (["--method", "dip", "--levels", "2", "1", "--steps", "100"], "one step count per level"),
@@ -184,6 +185,7 @@ def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data
         (["--method", "centres", "--similarity", "mae"], "--similarity is for iterative, dip"),
         (["--method", "symmetric", "--similarity", "mae"], "--similarity is for iterative, dip"),  # no --finetune-steps: nothing would use it
         (["--method", "adversarial", "--smooth-weight", "1"], "--smooth-weight is for --method iterative, dip, segreg"),
+        (["--method", "dip", "--image-weight", "1"], "--image-weight is for --method iterative, segreg"),
     ):
         assert main([*base, *args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err

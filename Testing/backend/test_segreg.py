@@ -112,6 +112,13 @@ def test_the_lighter_smoothness_fits_the_outlines_tighter_and_still_never_folds(
     assert stats[sr.SMOOTH_WEIGHT]["sdlogj"] > stats[0.5]["sdlogj"] and stats[sr.SMOOTH_WEIGHT]["folding_pct"] == 0, stats
 
 
+def test_an_image_term_beside_the_outlines_roughens_the_field(shipped, test_pairs):
+    """`image_weight` reaches the registration: the images' LNCC pulls where the outlines do not (segreg's comment on it)."""
+    v = test_pairs[1].load()
+    stats = {w: jacobian_stats(register(v.fixed, v.moving, "segreg", loaded=shipped, image_weight=w).field) for w in (0.0, 0.3)}
+    assert stats[0.3]["sdlogj"] > 1.5 * stats[0.0]["sdlogj"], stats
+
+
 def test_labels_the_user_gives_replace_the_prediction(shipped, test_pairs):
     v = test_pairs[0].load()
     predicted = register(v.fixed, v.moving, "segreg", loaded=shipped)

@@ -170,17 +170,18 @@ def register_glands(
 
 
 def register_outlines(
-    fixed, moving, fixed_outlines, moving_outlines, moving_labels, init, device, progress, cancel, **options
+    fixed, moving, fixed_outlines, moving_outlines, moving_labels, init, device, progress, cancel, image_weight=0.0, **options
 ) -> RegistrationResult:
-    """How every segment-then-register method (glands, segreg) ends: `register_iterative` on the outlines alone.
+    """How every segment-then-register method (glands, segreg) ends: `register_iterative` on the outlines
+    (alone by default: `image_weight` 0).
 
     `options` go to `register_iterative` (segreg: a lighter smoothness). The result's warped labels
     are the user's own moving labels (as every method returns them), or None: never the outline
     channels registered here.
     """
     result = register_iterative(
-        fixed, moving, fixed_outlines, moving_outlines, image_weight=0.0, init=init, device=device, progress=progress, cancel=cancel,
-        **options,
+        fixed, moving, fixed_outlines, moving_outlines, image_weight=image_weight, init=init, device=device, progress=progress,
+        cancel=cancel, **options,
     )  # fmt: skip
     result.warped_labels = resample(moving_labels, result.field, result.field) if moving_labels is not None else None
     return result
