@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(THREADS)
+    # the line this run can be repeated with, stamped on what it writes
+    command = f"python -m bench {shlex.join(sys.argv[1:] if argv is None else argv)}"
     if args.command == "reproduce":
         from priorreg.data import data_root
 
@@ -257,7 +259,6 @@ def main(argv=None) -> int:
     if args.command == "airnet":
         from . import airnet
 
-        command = f"python -m bench {shlex.join(sys.argv[1:] if argv is None else argv)}"
         print(airnet.run(args.models, args.data_root, Path(args.out), args.per_pair, merge=args.merge, command=command, pairs=args.pairs))
         if args.ship:
             dest = ROOT / "Resources" / "Models"
@@ -272,7 +273,6 @@ def main(argv=None) -> int:
         from .speed import run as run_speed
 
         options = {name: OPTIONS["mrus_prostate"][name] for name in args.methods if name in OPTIONS["mrus_prostate"]}
-        command = f"python -m bench {shlex.join(sys.argv[1:] if argv is None else argv)}"
         print(run_speed(args.data_root, args.methods, args.sizes, Path(args.out), args.repeats, args.device, options, args.merge, command))
         return 0
     if args.command == "regularizers":
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     stamp = {
         "run": f"Run {time.strftime('%Y-%m-%d')} on {platform.machine()} ({os.cpu_count()} cores, {THREADS} threads), "
         f"{', '.join(f'{k} {v}' for k, v in versions().items())}.",
-        "command": f"python -m bench {shlex.join(sys.argv[1:] if argv is None else argv)}",
+        "command": command,
     }
     for task in args.tasks:
         suite = ACCURACY[task]

@@ -85,6 +85,8 @@ def _method_options(args) -> dict:
 
 def _finetune_options(args) -> dict:
     """Test-time fine-tuning of a trained network (its similarity, when given: `_similarity_option`)."""
+    if args.finetune_steps < 0:
+        raise VolumeError(f"--finetune-steps: 0 or more, got {args.finetune_steps}")
     if args.method not in FINETUNED or not args.finetune_steps:
         return {}
     return {"finetune_steps": args.finetune_steps}

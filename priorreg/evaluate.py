@@ -164,6 +164,8 @@ def evaluate_task(
         def registrar(fixed, moving, **labels):
             return register(fixed, moving, method=method, **(options or {}), **labels).field
 
+    if n_pairs is not None and n_pairs < 1:
+        raise ValueError(f"n_pairs: 1 or more, got {n_pairs}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
     loader, intensity = TASKS[task]
@@ -185,6 +187,8 @@ def evaluate_task(
             pairs = data.split_by_patient(pairs, seed=seed)[split]
     if n_pairs is not None and task != "hippocampus":
         pairs = pairs[:n_pairs]
+    if not pairs:
+        raise ValueError(f"task {task}, split {split}: no pairs to evaluate under {root}")
     results = []
     for index, pair in enumerate(pairs):
         v = pair.load()

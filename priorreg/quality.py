@@ -285,11 +285,13 @@ def evaluate_quality(
     root=None, split: str = "test", per_pair: int = 20, seed: int = 100, model="airnet_mrus", on_pair=None, n_pairs: int | None = None
 ) -> dict:
     """Score known-error alignments of every MR-US pair of `split` (or its first `n_pairs`): agreement and calibration."""
+    if (n_pairs is not None and n_pairs < 1) or per_pair < 1:
+        raise ValueError(f"n_pairs and per_pair: 1 or more, got {n_pairs} and {per_pair}")
     q = QualityModel(model, plausibility=None)
     pairs = data.mrus_pairs(root)
     if split != "all":
         pairs = data.split_by_patient(pairs)[split]
-    pairs = pairs[:n_pairs] if n_pairs else pairs
+    pairs = pairs[:n_pairs]
     rows = _score_pairs(pairs, q, per_pair, seed, on_pair)
     tre = np.array([r["tre_mm"] for r in rows])
     scores = np.array([r["d_score"] for r in rows])

@@ -155,10 +155,12 @@ def test_evaluate_quality_reports_agreement_with_known_errors(tmp_path, shared_d
     assert all(r["tre_mm"] >= 0 and r["gland_error_mm"] >= 0 for r in report["pairs"])
     # the bound: how the gland error itself (what the images show) ranks the landmark TRE
     assert s["gland_error_spearman"] < -0.5 and 0.5 < s["gland_error_auroc"] <= 1
+    assert main(["--data-root", str(shared_data), "evaluate", "--task", "quality", "--per-pair", "0", "--json", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data, capsys):
-    """--levels/--steps/--similarity/--smooth-weight reach DIP and iterative, --max-seconds DIP (what ran is in metrics.json); misuse is one line, nothing written."""
+    """--levels/--steps/--similarity/--smooth-weight reach DIP and iterative, --max-seconds DIP (what ran is in metrics.json); misuse and nonsense values are one line, nothing written."""
     out = tmp_path / "dip"
     base = ["--data-root", str(shared_data), "register", "--sample", "mrus", "--init", "centres"]
     assert main([*base, "--method", "dip", "--levels", "4", "--steps", "6", "--out", str(out)]) == 0
@@ -186,8 +188,17 @@ def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data
         (["--method", "symmetric", "--similarity", "mae"], "--similarity is for iterative, dip"),  # no --finetune-steps: nothing would use it
         (["--method", "adversarial", "--smooth-weight", "1"], "--smooth-weight is for --method iterative, dip, segreg"),
         (["--method", "dip", "--image-weight", "1"], "--image-weight is for --method iterative, segreg"),
+        # values that would run and mislead: a negative weight rewards what it should penalise (the loss falls without bound)
+        (["--method", "iterative", "--smooth-weight", "-1"], "weights must be 0 or more; got smooth_weight -1.0"),
+        (["--method", "iterative", "--image-weight", "0"], "image_weight 0 leaves nothing to align"),
+        (["--method", "dip", "--levels", "0.5", "--steps", "10"], "downsampling factors, 1 (full resolution) or more"),
+        (["--method", "iterative", "--levels", "2", "--steps", "0"], "1 step or more"),
+        (["--method", "dip", "--max-seconds", "0"], "max_seconds must be more than 0"),
+        (["--method", "adversarial", "--finetune-steps", "-1"], "--finetune-steps: 0 or more"),
     ):
         assert main([*base, *args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+    assert main([*evaluate, "--method", "identity", "--pairs", "0"]) == 2
+    assert "n_pairs: 1 or more, got 0" in capsys.readouterr().err

@@ -18,6 +18,23 @@ from ..volume import Volume
 SIMILARITIES = ("lncc", "mse", "mae", "local_gradient")
 
 
+def check_schedule(levels, steps, **weights: float) -> None:
+    """Refuse, before any work, a schedule or loss weight that would run and mislead.
+
+    A negative weight turns a penalty into a reward: the optimiser then runs the field away
+    (a loss falling without bound) and returns a wild result with no error.
+    """
+    if len(levels) != len(steps):
+        raise ValueError("levels and steps must have the same length")
+    if any(not factor >= 1 for factor in levels):
+        raise ValueError(f"levels are downsampling factors, 1 (full resolution) or more; got {', '.join(map(str, levels))}")
+    if any(n < 1 for n in steps):
+        raise ValueError(f"each level needs 1 step or more; got {', '.join(map(str, steps))}")
+    negative = [f"{name} {w}" for name, w in weights.items() if not w >= 0]
+    if negative:
+        raise ValueError(f"weights must be 0 or more; got {', '.join(negative)}")
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

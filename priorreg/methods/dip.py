@@ -48,7 +48,7 @@ from ..nets.unet import UNet3D
 from ..registration import Monitor, RegistrationResult
 from ..spatial import Grid, field_volume, sample
 from ..volume import Volume
-from .common import PairData, initial_translation, pick_device
+from .common import PairData, check_schedule, initial_translation, pick_device
 
 NOISE_CHANNELS = 8
 NOISE_STD = 0.1
@@ -114,8 +114,9 @@ def register_dip(
     Labels (both or neither) add seed 000's multiscale Dice term with `label_weight`;
     never pass evaluation labels here. Deterministic for a given `seed` and device.
     """
-    if len(levels) != len(steps):
-        raise ValueError("levels and steps must have the same length")
+    check_schedule(levels, steps, smooth_weight=smooth_weight, label_weight=label_weight)
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be more than 0; got {max_seconds}")
     torch.manual_seed(seed)
     dev = pick_device(device)
     pair = PairData(

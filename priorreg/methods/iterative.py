@@ -16,7 +16,7 @@ from .. import losses, regularizers
 from ..registration import Monitor, RegistrationResult
 from ..spatial import Grid, affine_to_field, compose, field_volume, integrate_svf, sample
 from ..volume import Volume
-from .common import PairData, initial_translation, pick_device
+from .common import PairData, check_schedule, initial_translation, pick_device
 
 
 def register_iterative(
@@ -46,8 +46,9 @@ def register_iterative(
     or 4D channels; never pass evaluation landmarks here. `image_weight` 0 gives a
     purely label-driven registration (the MR-US "oracle" of the project guide).
     """
-    if len(levels) != len(steps):
-        raise ValueError("levels and steps must have the same length")
+    check_schedule(levels, steps, smooth_weight=smooth_weight, label_weight=label_weight, image_weight=image_weight)
+    if image_weight == 0 and (fixed_labels is None or moving_labels is None):
+        raise ValueError("image_weight 0 leaves nothing to align: give both images' labels, or an image weight above 0")
     torch.manual_seed(seed)
     dev = pick_device(device)
     pair = PairData(
