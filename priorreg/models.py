@@ -82,7 +82,7 @@ def load_model(name_or_path: str | os.PathLike, method: str | None = None) -> tu
         raise FileNotFoundError(f"{path}: its model card {card_path.name} is missing")
     card = json.loads(card_path.read_text())
     if method is not None and card.get("method") != method:
-        raise ValueError(f"{path}: not a {method} model (method {card.get('method')!r})")
+        raise ValueError(f"{path}: a {card.get('method')!r} model, not a {method!r} one")
     return load_file(path), card, path
 
 

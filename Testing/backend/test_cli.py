@@ -145,6 +145,15 @@ def test_score_reports_a_verdict_for_any_tools_output(tmp_path, shared_data):
     assert not (tmp_path / "bad.json").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: --device cuda is honoured")
+def test_cuda_without_a_gpu_is_refused_in_one_line(tmp_path, shared_data, capsys):
+    for method in ("iterative", "adversarial"):
+        out = tmp_path / method
+        assert main(["--data-root", str(shared_data), "register", "--sample", "mrus", "--method", method, "--device", "cuda", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "no CUDA GPU is available" in err and "Traceback" not in err and not out.exists()
+
+
 def test_evaluate_quality_reports_agreement_with_known_errors(tmp_path, shared_data):
     out = tmp_path / "quality.json"
     assert main(["--data-root", str(shared_data), "evaluate", "--task", "quality", "--split", "val", "--pairs", "2", "--per-pair", "4", "--json", str(out)]) == 0

@@ -159,7 +159,7 @@ def test_trainer_writes_a_model_the_method_loads(tmp_path, shared_data):
     assert not torch.allclose(each[0], each[1])
     assert torch.allclose(loaded.nets["moving"](x), (each[0] + each[1]) / 2)
     assert len(loaded.nets["fixed"].members) == 1
-    with pytest.raises(ValueError, match="not a glands model"):
+    with pytest.raises(ValueError, match="model, not a 'glands' one"):
         gl.LoadedGlands.load("adversarial_mrus")
     bad = {**config, "data": {"task": "hippocampus"}}
     path.write_text(yaml.safe_dump(bad))

@@ -165,7 +165,7 @@ def test_trainer_writes_a_model_the_method_loads(tmp_path, shared_data):
     loaded = sr.LoadedSegmenter.load(tmp_path / "run" / "segreg_tiny.safetensors", device="cpu")
     image = Volume.read(data.hippocampus_files("001", shared_data)[0])
     assert loaded.segment(image).array.shape == (2, *image.shape)
-    with pytest.raises(ValueError, match="not a segreg model"):
+    with pytest.raises(ValueError, match="model, not a 'segreg' one"):
         sr.LoadedSegmenter.load("symmetric_hippocampus")
     path.write_text(yaml.safe_dump({**config, "data": {"task": "mrus_prostate"}}))
     with pytest.raises(ValueError, match="segmenter trainer knows 'hippocampus'"):

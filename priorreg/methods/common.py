@@ -36,10 +36,12 @@ def check_schedule(levels, steps, **weights: float) -> None:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """The torch device for "auto" (CUDA when present), "cpu" or "cuda"; a `ValueError` (a user's
+    choice this machine cannot honour, one line in the CLI and the panels) for CUDA without a GPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use 'cpu' or 'auto'")
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use 'cpu' or 'auto'")
     return torch.device(device)
 
 

@@ -209,7 +209,7 @@ def check_model(model, fixed_node, moving_node, method: str = "adversarial") -> 
     """
     card = model_card(model)
     if card.get("method") != method:
-        raise ValueError(f"model '{model}' is a {card.get('method')!r} model, not a {method!r} network")
+        raise ValueError(f"model '{model}' is a {card.get('method')!r} model, not a {method!r} one")
     training = card.get("training", {})
     task = model_task(card)
     expected = TASK_MODALITIES.get(task)
