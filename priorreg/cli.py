@@ -139,6 +139,8 @@ def _driving_labels(args, fixed_labels, moving_labels) -> dict:
 
 
 def cmd_register(args) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found now, not after the registration
+        raise VolumeError(f"--out {args.out}: a file is there; give a folder (made if missing)")
     if args.sample:
         pair = data.sample_pair(args.sample, args.data_root)
         fixed_path, moving_path = pair.fixed, pair.moving
@@ -458,7 +460,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (VolumeError, FileNotFoundError, ValueError, data.DownloadError) as e:
+    except (VolumeError, OSError, ValueError, data.DownloadError) as e:  # OSError: a folder not writable, a full disk
         print(f"priorreg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):

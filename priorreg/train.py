@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import math
 import os
 import sys
@@ -101,32 +102,49 @@ def _merge(defaults: dict, given: dict, where: str = "") -> dict:
     return out
 
 
+TRAINERS = ("airnet", "symmetric", "deformgan", "glands", "segreg")  # `method:` values with a module train_<method>; adversarial's is here
+COUNTS = {"iterations": 0, "batch_size": 1, "checkpoint_every": 1, "log_every": 1, "members": 1, "validate_every": 0}  # key: least value
+RATES = {"lr": False, "lr_final": True}  # key: whether 0 is allowed
+
+
+def check_numbers(config: dict) -> dict:
+    """The counts and learning rates every trainer shares, checked before any work.
+
+    A negative count or learning rate would train nothing or train away from the data, with no
+    error; a string would fail deep in the loop. (`iterations` 0 writes the untrained networks,
+    a control; `validate_every` 0 never validates.)
+    """
+    for key, least in COUNTS.items():
+        value = config.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{key} must be a whole number, {least} or more; got {value!r}")
+    for key, zero in RATES.items():
+        value = config.get(key, 1.0)
+        if isinstance(value, str):  # YAML reads `lr: 1e-4` (no dot) as a string
+            try:
+                value = config[key] = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero):
+            raise ConfigError(f"{key} must be a number above 0{' (or 0)' if zero else ''}; got {value!r}")
+    return config
+
+
 def load_config(path: str | os.PathLike | None = None, **overrides) -> dict:
-    """The method's defaults (`method:` adversarial or airnet) updated by the YAML file, then by `overrides`."""
+    """The method's defaults (`method:`, adversarial by default) updated by the YAML file, then by `overrides`."""
     given = yaml.safe_load(Path(path).read_text()) or {} if path else {}
-    if given.get("method") == "airnet":
-        from . import train_airnet
+    method = given.get("method", "adversarial")
+    if method in TRAINERS:
+        trainer = importlib.import_module(f".train_{method}", __package__)
+        return trainer.check_config(check_numbers(_merge(trainer.DEFAULTS, {**given, **overrides})))
+    if method != "adversarial":
+        raise ConfigError(f"method must be 'adversarial', {', '.join(map(repr, TRAINERS[:-1]))} or {TRAINERS[-1]!r}, got {method!r}")
+    return _load_adversarial({**given, **overrides})
 
-        return train_airnet.check_config(_merge(train_airnet.DEFAULTS, {**given, **overrides}))
-    if given.get("method") == "symmetric":
-        from . import train_symmetric
 
-        return train_symmetric.check_config(_merge(train_symmetric.DEFAULTS, {**given, **overrides}))
-    if given.get("method") == "deformgan":
-        from . import train_deformgan
-
-        return train_deformgan.check_config(_merge(train_deformgan.DEFAULTS, {**given, **overrides}))
-    if given.get("method") == "glands":
-        from . import train_glands
-
-        return train_glands.check_config(_merge(train_glands.DEFAULTS, {**given, **overrides}))
-    if given.get("method") == "segreg":
-        from . import train_segreg
-
-        return train_segreg.check_config(_merge(train_segreg.DEFAULTS, {**given, **overrides}))
-    if given.get("method", "adversarial") != "adversarial":
-        raise ConfigError(f"method must be 'adversarial', 'airnet', 'symmetric', 'deformgan', 'glands' or 'segreg', got {given['method']!r}")
-    config = _merge(DEFAULTS, {**given, **overrides})
+def _load_adversarial(given: dict) -> dict:
+    """The adversarial trainer's config: DEFAULTS updated by `given`, its own keys checked."""
+    config = check_numbers(_merge(DEFAULTS, given))
     if config["regularizer"] not in adv.REGULARIZERS:
         raise ConfigError(f"regularizer must be one of {adv.REGULARIZERS}, got {config['regularizer']!r}")
     if config["weight"] is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -96,6 +97,20 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="needs 'simulations'"):
         load_config(None)
     assert load_config(None, regularizer="bending")["weight"] == 0.5
+    # numbers that would train nothing, or away from the data, with no error: refused for every trainer, before any data is read
+    for method in ("adversarial", "airnet", "symmetric", "deformgan", "glands", "segreg"):
+        path = tmp_path / f"{method}.yaml"
+        for key, value, message in (
+            ("iterations", -3, "iterations must be a whole number, 0 or more; got -3"),
+            ("batch_size", 0, "batch_size must be a whole number, 1 or more; got 0"),
+            ("lr", -1.0, "lr must be a number above 0; got -1.0"),
+            ("lr", "fast", "lr must be a number above 0; got 'fast'"),
+        ):
+            path.write_text(f"method: {method}\n{key}: {value}\n")
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                load_config(path)
+    path.write_text("method: segreg\nlr: 1e-4\nlr_final: 0\n")  # YAML reads 1e-4 (no dot) as a string
+    assert load_config(path)["lr"] == 1e-4
 
 
 @pytest.fixture

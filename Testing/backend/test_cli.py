@@ -209,5 +209,8 @@ def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "a_file").write_text("")  # refused before the registration runs, not when its outputs are written
+    assert main([*base, "--method", "centres", "--out", str(tmp_path / "a_file")]) == 2
+    assert "a file is there; give a folder" in capsys.readouterr().err
     assert main([*evaluate, "--method", "identity", "--pairs", "0"]) == 2
     assert "n_pairs: 1 or more, got 0" in capsys.readouterr().err
