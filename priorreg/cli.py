@@ -278,7 +278,7 @@ def cmd_score(args) -> int:
     if field is not None and not Grid.of(field).matches(fixed):
         raise VolumeError(f"{args.field}: a displacement field must lie on the fixed image's grid ({args.fixed})")
     plausibility = None if args.plausibility == "none" else args.plausibility
-    model = QualityModel(args.model, plausibility, args.device)
+    model = QualityModel(args.model, plausibility, args.device, glands=None if args.glands == "none" else args.glands)
     report = quality_report(fixed, warped, field, inverse, fixed_labels, warped_labels, model)
     report.update(fixed=str(args.fixed), warped=str(args.warped), model=str(model.airnet.path), versions=versions())
     _write_json(report, args.json)
@@ -396,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fixed-labels")
     q.add_argument("--warped-labels", help="moving labels after registration: Dice")
     q.add_argument("--model", default="airnet_mrus", help="AIR-net model whose critic scores (name or .safetensors)")
+    q.add_argument("--glands", default="glands_mrus", help="gland segmenters whose glands' offset catches gross misalignment, or none")
     q.add_argument("--plausibility", default="adversarial_mrus", help="adversarial model whose discriminator judges the field, or none")
     q.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     q.add_argument("--json", help="write the report here instead of standard output")

@@ -12,6 +12,13 @@ hand), and the displacement field when there is one, the report holds:
 - with a field: Jacobian statistics, and the adversarial-regularization discriminator's
   plausibility of its local part (seed 000's prior: the probability that the non-affine
   part of the field looks like a simulated, biomechanically plausible one);
+- `gland_offset_mm` and `gland_dice`: where the gland segmenters of `--method glands` find the
+  gland in the fixed image and in the warped one. The critic learned "aligned" from pairs within
+  +-25 degrees and +-5 mm of good alignments and cannot see a gross misalignment (it called all
+  18 centred test pairs, median TRE 10.1 mm, "good"); glands far apart can (a reason, and the
+  verdict check or failed by the same mm thresholds; `gross_misalignments` measures it). It cannot
+  judge a registration driven by these same segmenters' outlines (`glands`): their glands agree
+  by construction;
 - with the inverse field: inverse consistency (mm); with labels: their Dice overlap.
 
 `evaluate_quality` measures all of this against known errors: on every MR-US pair of a
@@ -34,12 +41,14 @@ from scipy.optimize import isotonic_regression
 from scipy.stats import rankdata, spearmanr
 
 from . import data, metrics
-from .evaluate import versions
+from .evaluate import pair_metrics, versions
 from .files import atomic_write
 from .jacobian import jacobian_stats
 from .methods import airnet as air
 from .methods.adversarial import LoadedModel, frame_centres, normalise_field
+from .methods.glands import LoadedGlands
 from .reference import cached_reference, reference_field
+from .registration import register
 from .spatial import Grid, field_tensor, field_volume, resample, sample
 from .volume import Volume
 
@@ -100,8 +109,9 @@ def verdict(estimate_mm: float, thresholds: dict = THRESHOLDS_MM) -> str:
 class QualityModel:
     """The critic (and calibration) of an AIR-net model, and optionally seed 000's discriminator."""
 
-    def __init__(self, model="airnet_mrus", plausibility="adversarial_mrus", device: str = "cpu"):
+    def __init__(self, model="airnet_mrus", plausibility="adversarial_mrus", device: str = "cpu", glands="glands_mrus"):
         self.airnet = air.LoadedAirNet.load(model, device)
+        self.glands = LoadedGlands.load(glands, device) if glands else None
         self.calibration = self.airnet.card.get("calibration")
         self.thresholds = self.airnet.card.get("thresholds_mm", THRESHOLDS_MM)
         self.adversarial = None
@@ -146,6 +156,19 @@ def _image_checks(fixed: Volume, warped: Volume) -> list[str]:
     return reasons
 
 
+def gland_agreement(glands: LoadedGlands, fixed: Volume, warped: Volume) -> dict:
+    """The gland found in `fixed` and in `warped` (on the fixed grid), compared on the fixed segmenter's
+    frame: the distance of their centroids (mm, NaN when one image shows none) and their Dice."""
+    f = glands.frame_probability(fixed, "fixed")
+    w = resample(glands.frame_probability(warped, "moving"), f, mode="linear")
+    fm, wm = f.array[0] >= 0.5, w.array[0] >= 0.5
+    if not (fm.any() and wm.any()):
+        return {"gland_offset_mm": float("nan"), "gland_dice": 0.0}
+    points = Grid.of(f).physical_points()
+    offset = np.linalg.norm(points[wm].mean(0) - points[fm].mean(0))
+    return {"gland_offset_mm": float(offset), "gland_dice": float(2 * (fm & wm).sum() / (fm.sum() + wm.sum()))}
+
+
 def inverse_consistency(field: Volume, inverse: Volume) -> float:
     """Mean |phi_inv(phi(x)) - x| (mm) over the fixed grid; `inverse` lies on the moving grid."""
     fg = Grid.of(field)
@@ -181,12 +204,21 @@ def quality_report(
     if field is not None and not Grid.of(field).matches(fixed):
         raise ValueError("the displacement field must lie on the fixed image's grid")
     report: dict = {"d_score": q.d_score(fixed, warped), "reasons": _image_checks(fixed, warped)}
+    failed = bool(report["reasons"])  # the images themselves: nothing to align
     if q.calibration:
         est, low, high = estimate_tre(q.calibration, report["d_score"])
         report.update(tre_estimate_mm=est, tre_interval_mm=[low, high], verdict=verdict(est, q.thresholds))
     else:
         report.update(tre_estimate_mm=float("nan"), tre_interval_mm=[float("nan")] * 2, verdict="check")
         report["reasons"].append("the critic's model card has no calibration: no TRE estimate")
+    if q.glands is not None and not failed:
+        report.update(gland_agreement(q.glands, fixed, resample(warped.with_array(warped.array.astype(np.float32)), fixed)))
+        offset, limits = report["gland_offset_mm"], q.thresholds
+        if not np.isfinite(offset):
+            report["reasons"].append("no gland found in one of the images: the gland check could not run")
+        elif offset > limits["good"]:
+            report["reasons"].append(f"the glands found in the two images lie {offset:.1f} mm apart")
+            failed = offset > limits["failed"]
     if field is not None:
         report.update(jacobian_stats(field))
         if report["folding_pct"] > 0:
@@ -197,7 +229,7 @@ def quality_report(
         report["inverse_consistency_mm"] = inverse_consistency(field, inverse_field)
     if fixed_labels is not None and warped_labels is not None:
         report["dice_mean"] = label_overlap(fixed_labels, warped_labels)
-    if any("image" in r for r in report["reasons"]):
+    if failed:
         report["verdict"] = "failed"
     elif report["reasons"] and report["verdict"] == "good":
         report["verdict"] = "check"
@@ -270,7 +302,7 @@ def _score_pairs(pairs, q: QualityModel, per_pair: int, seed: int, on_pair=None)
 
 def calibrate(model_path, pairs, per_pair: int = 40, seed: int = 1) -> dict:
     """Fit the D-score calibration on `pairs` (validation patients) and write it into the model's card."""
-    q = QualityModel(model_path, plausibility=None)
+    q = QualityModel(model_path, plausibility=None, glands=None)
     rows = _score_pairs(pairs, q, per_pair, seed)
     scores, tre = [r["d_score"] for r in rows], [r["tre_mm"] for r in rows]
     calibration = {**fit_calibration(scores, tre), "pairs": [p.id for p in pairs], "per_pair": per_pair, "seed": seed}
@@ -287,7 +319,7 @@ def evaluate_quality(
     """Score known-error alignments of every MR-US pair of `split` (or its first `n_pairs`): agreement and calibration."""
     if (n_pairs is not None and n_pairs < 1) or per_pair < 1:
         raise ValueError(f"n_pairs and per_pair: 1 or more, got {n_pairs} and {per_pair}")
-    q = QualityModel(model, plausibility=None)
+    q = QualityModel(model, plausibility=None, glands=None)  # the critic's agreement: D-scores only
     pairs = data.mrus_pairs(root)
     if split != "all":
         pairs = data.split_by_patient(pairs)[split]
@@ -320,6 +352,12 @@ def evaluate_quality(
             within_1_5mm=float(np.mean(err <= 1.5)),
             verdict_good_tre_max_mm=float(tre[est <= q.thresholds["good"]].max()) if (est <= q.thresholds["good"]).any() else float("nan"),
         )
+    gross = gross_misalignments(pairs, QualityModel(model, plausibility=None))
+    for alignment in ("reference", "centres", "identity"):
+        chosen = [r for r in gross if r["alignment"] == alignment]
+        summary[f"{alignment}_tre_median_mm"] = float(np.median([r["tre_mm"] for r in chosen]))
+        for key in ("verdict", "critic_verdict"):
+            summary[f"{alignment}_{key}s"] = {v: sum(r[key] == v for r in chosen) for v in ("good", "check", "failed")}
     return {
         "task": "quality",
         "method": "airnet critic",
@@ -330,5 +368,27 @@ def evaluate_quality(
         "split": split,
         "options": {"per_pair": per_pair, "seed": seed, "n_pairs": n_pairs, "perturbation": q.airnet.card["perturbation"]},
         "pairs": rows,
+        "gross": gross,
         "summary": summary,
     }
+
+
+def gross_misalignments(pairs, q: QualityModel) -> list[dict]:
+    """The full report's verdict, and the critic's alone, on each pair's reference alignment and on two
+    gross misalignments users meet: the centred fields of view (`centres`) and the headers as they are
+    (`identity`), far outside the +-25 degrees and +-5 mm the critic learned from."""
+    frame, init = q.airnet.frame, q.airnet.card["preprocessing"]["init"]
+    rows = []
+    for pair in pairs:
+        v = pair.load()
+        fields = {"reference": reference_field(v.fixed, v.moving, cached_reference(pair, frame, init), frame, init)}
+        fields.update((m, register(v.fixed, v.moving, method=m).field) for m in ("centres", "identity"))
+        for alignment, field in fields.items():
+            report = quality_report(v.fixed, resample(v.moving, v.fixed, field), model=q)
+            rows.append({
+                "id": pair.id, "alignment": alignment,
+                "tre_mm": pair_metrics(field, v.fixed, v.moving, v.fixed_labels, v.moving_labels)["tre_rms_mm"],
+                "verdict": report["verdict"], "critic_verdict": verdict(report["tre_estimate_mm"], q.thresholds),
+                "gland_offset_mm": report.get("gland_offset_mm", float("nan")), "tre_estimate_mm": report["tre_estimate_mm"],
+            })  # fmt: skip
+    return rows

@@ -80,9 +80,9 @@ def test_trivial_pairs_never_score_as_good(held_out, scorer):
     for name, (fixed, warped) in cases.items():
         report = quality.quality_report(fixed, warped, model=scorer)
         assert report["verdict"] != "good", name
-        if name in ("fixed_as_warped", "swapped"):  # no rule catches these: the critic itself must
+        if name in ("fixed_as_warped", "swapped"):  # no image check catches these: the critic itself must
             assert report["d_score"] < good_score, name
-            assert not report["reasons"], name
+            assert quality.verdict(report["tre_estimate_mm"], scorer.thresholds) != "good", name
     assert "empty" in quality.quality_report(*cases["empty"], model=scorer)["reasons"][0]
 
 
@@ -102,3 +102,16 @@ def test_report_with_a_field_its_inverse_and_labels(held_out, scorer):
     assert 0.0 <= report["dice_mean"] <= 1.0
     with pytest.raises(ValueError, match="fixed image's grid"):
         quality.quality_report(v.fixed, warped, inverse, model=scorer)
+
+
+def test_a_gross_misalignment_the_critic_misses_is_caught_by_the_glands(shared_data):
+    """The critic learned "aligned" within +-25 degrees and +-5 mm: it calls a validation pair's centred
+    fields of view (12 mm TRE) good. The glands the segmenters find 10 mm apart fail it, and the
+    reference alignment stays good."""
+    pair = next(p for p in data.split_by_patient(data.mrus_pairs(shared_data))["val"] if p.id == "obs000")
+    rows = {r["alignment"]: r for r in quality.gross_misalignments([pair], quality.QualityModel(plausibility=None))}
+    centred = rows["centres"]
+    assert centred["tre_mm"] > 10 and centred["critic_verdict"] == "good"  # the critic alone
+    assert centred["verdict"] == "failed" and centred["gland_offset_mm"] > 7
+    assert rows["identity"]["tre_mm"] > 15 and rows["identity"]["verdict"] == "failed"
+    assert rows["reference"]["verdict"] == "good" and rows["reference"]["gland_offset_mm"] < 3

@@ -105,12 +105,17 @@ class LoadedGlands:
             raise ValueError(f"{image.source or 'image'}: a 3D image is needed to segment the gland, got shape {image.array.shape}")
         if float(image.array.min()) == float(image.array.max()):
             raise ValueError(f"{image.source or 'the ' + role + ' image'}: constant image (no contrast): there is no gland to outline")
+        p = resample(self.frame_probability(image, role), image, mode="linear")
+        return p.with_array(np.clip(p.array, 0.0, 1.0))  # float32 interpolation can overshoot 1 by an ulp
+
+    def frame_probability(self, image: Volume, role: str) -> Volume:
+        """Gland probability `[1, ...]` on the segmenter's own frame (centred on `image`): `segment`
+        without the resampling to the image's grid, for what needs only the gland's place (the quality check)."""
         grid = frame_grid(image, self.frames[role])
         x = torch.as_tensor(resample(standardise(image), grid).array, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             p = self.nets[role](x[None, None])[0].cpu().numpy()
-        p = resample(Volume(p, grid.spacing, grid.origin, grid.direction), image, mode="linear")
-        return p.with_array(np.clip(p.array, 0.0, 1.0))  # float32 interpolation can overshoot 1 by an ulp
+        return Volume(p, grid.spacing, grid.origin, grid.direction)
 
 
 def gland_of(labels: Volume) -> Volume:

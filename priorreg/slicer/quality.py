@@ -58,6 +58,8 @@ METRICS = {
     "tre_interval_high_mm": ("mm", "high end of the TRE estimate's interval"),
     "d_score": ("", "AIR-net critic's score of the pair (higher: better aligned)"),
     "reasons": ("", "checks outside the critic that decided the verdict ('; '-separated; empty: none)"),
+    "gland_offset_mm": ("mm", "distance between the glands found in the fixed and warped images (gross misalignment)"),
+    "gland_dice": ("", "Dice of the glands found in the fixed and warped images"),
     "folding_pct": ("%", "voxels where det J <= 0 (folding)"),
     "sdlogj": ("", "standard deviation of log det J"),
     "detj_mean": ("", "mean det J"),
