@@ -169,6 +169,20 @@ def gland_agreement(glands: LoadedGlands, fixed: Volume, warped: Volume) -> dict
     return {"gland_offset_mm": float(offset), "gland_dice": float(2 * (fm & wm).sum() / (fm.sum() + wm.sum()))}
 
 
+def _gland_check(glands: LoadedGlands, fixed: Volume, warped: Volume, thresholds: dict) -> tuple[dict, str | None, bool]:
+    """`gland_agreement` of the pair, the reason it gives (None: none) and whether that fails the pair."""
+    try:
+        found = gland_agreement(glands, fixed, resample(warped.with_array(warped.array.astype(np.float32)), fixed))
+    except ValueError as error:  # e.g. a constant fixed image: no gland to look for
+        return {"gland_offset_mm": float("nan"), "gland_dice": 0.0}, f"the gland check could not run: {error}", False
+    offset = found["gland_offset_mm"]
+    if not np.isfinite(offset):
+        return found, "no gland found in one of the images: the gland check could not run", False
+    if offset > thresholds["good"]:
+        return found, f"the glands found in the two images lie {offset:.1f} mm apart", offset > thresholds["failed"]
+    return found, None, False
+
+
 def inverse_consistency(field: Volume, inverse: Volume) -> float:
     """Mean |phi_inv(phi(x)) - x| (mm) over the fixed grid; `inverse` lies on the moving grid."""
     fg = Grid.of(field)
@@ -212,13 +226,9 @@ def quality_report(
         report.update(tre_estimate_mm=float("nan"), tre_interval_mm=[float("nan")] * 2, verdict="check")
         report["reasons"].append("the critic's model card has no calibration: no TRE estimate")
     if q.glands is not None and not failed:
-        report.update(gland_agreement(q.glands, fixed, resample(warped.with_array(warped.array.astype(np.float32)), fixed)))
-        offset, limits = report["gland_offset_mm"], q.thresholds
-        if not np.isfinite(offset):
-            report["reasons"].append("no gland found in one of the images: the gland check could not run")
-        elif offset > limits["good"]:
-            report["reasons"].append(f"the glands found in the two images lie {offset:.1f} mm apart")
-            failed = offset > limits["failed"]
+        found, reason, failed = _gland_check(q.glands, fixed, warped, q.thresholds)
+        report.update(found)
+        report["reasons"] += [reason] if reason else []
     if field is not None:
         report.update(jacobian_stats(field))
         if report["folding_pct"] > 0:

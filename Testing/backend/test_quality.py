@@ -84,6 +84,8 @@ def test_trivial_pairs_never_score_as_good(held_out, scorer):
             assert report["d_score"] < good_score, name
             assert quality.verdict(report["tre_estimate_mm"], scorer.thresholds) != "good", name
     assert "empty" in quality.quality_report(*cases["empty"], model=scorer)["reasons"][0]
+    flat = quality.quality_report(v.fixed.with_array(np.full_like(v.fixed.array, 7)), aligned, model=scorer)  # a blank fixed image
+    assert flat["verdict"] != "good" and any("the gland check could not run" in r for r in flat["reasons"]), flat
 
 
 def test_report_with_a_field_its_inverse_and_labels(held_out, scorer):
