@@ -104,7 +104,7 @@ def _merge(defaults: dict, given: dict, where: str = "") -> dict:
 
 TRAINERS = ("airnet", "symmetric", "deformgan", "glands", "segreg")  # `method:` values with a module train_<method>; adversarial's is here
 COUNTS = {"iterations": 0, "batch_size": 1, "checkpoint_every": 1, "log_every": 1, "members": 1, "validate_every": 0}  # key: least value
-RATES = {"lr": False, "lr_final": True}  # key: whether 0 is allowed
+RATES = ("lr", "lr_final")  # above 0 (lr_final: the end of a decay from lr; None or absent: no decay)
 
 
 def check_numbers(config: dict) -> dict:
@@ -118,15 +118,17 @@ def check_numbers(config: dict) -> dict:
         value = config.get(key, least)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"{key} must be a whole number, {least} or more; got {value!r}")
-    for key, zero in RATES.items():
-        value = config.get(key, 1.0)
+    for key in RATES:
+        value = config.get(key)
+        if value is None and key != "lr":
+            continue
         if isinstance(value, str):  # YAML reads `lr: 1e-4` (no dot) as a string
             try:
                 value = config[key] = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero):
-            raise ConfigError(f"{key} must be a number above 0{' (or 0)' if zero else ''}; got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{key} must be a number above 0; got {value!r}")
     return config
 
 

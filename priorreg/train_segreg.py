@@ -66,8 +66,6 @@ def check_config(config: dict) -> dict:
     if config["frame"]["margin"]:
         raise ConfigError("frame.margin must be 0: the segmenter sees one image")
     check_frame_levels(config)
-    if not isinstance(config["members"], int) or config["members"] < 1:
-        raise ConfigError(f"members must be a whole number >= 1, got {config['members']!r}")
     return config
 
 

@@ -109,8 +109,13 @@ def test_config_errors_name_the_problem(tmp_path):
             path.write_text(f"method: {method}\n{key}: {value}\n")
             with pytest.raises(ConfigError, match=re.escape(message)):
                 load_config(path)
-    path.write_text("method: segreg\nlr: 1e-4\nlr_final: 0\n")  # YAML reads 1e-4 (no dot) as a string
-    assert load_config(path)["lr"] == 1e-4
+    path.write_text("method: segreg\nlr: 1e-4\nlr_final: 1e-5\n")  # YAML reads 1e-4 (no dot) as a string
+    assert load_config(path)["lr"] == 1e-4 and load_config(path)["lr_final"] == 1e-5
+    path.write_text("method: segreg\nlr_final: 0\n")  # the end of an exponential decay
+    with pytest.raises(ConfigError, match="lr_final must be a number above 0; got 0"):
+        load_config(path)
+    path.write_text("method: symmetric\n")  # no lr_final: a constant rate
+    assert load_config(path)["lr_final"] is None
 
 
 @pytest.fixture
