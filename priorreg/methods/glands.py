@@ -101,16 +101,16 @@ class LoadedGlands:
 
     def segment(self, image: Volume, role: str) -> Volume:
         """Gland probability `[1, K, J, I]` on `image`'s grid; `role` "fixed" (ultrasound) or "moving" (MR)."""
-        if image.array.ndim != 3:
-            raise ValueError(f"{image.source or 'image'}: a 3D image is needed to segment the gland, got shape {image.array.shape}")
-        if float(image.array.min()) == float(image.array.max()):
-            raise ValueError(f"{image.source or 'the ' + role + ' image'}: constant image (no contrast): there is no gland to outline")
         p = resample(self.frame_probability(image, role), image, mode="linear")
         return p.with_array(np.clip(p.array, 0.0, 1.0))  # float32 interpolation can overshoot 1 by an ulp
 
     def frame_probability(self, image: Volume, role: str) -> Volume:
         """Gland probability `[1, ...]` on the segmenter's own frame (centred on `image`): `segment`
         without the resampling to the image's grid, for what needs only the gland's place (the quality check)."""
+        if image.array.ndim != 3:
+            raise ValueError(f"{image.source or 'image'}: a 3D image is needed to segment the gland, got shape {image.array.shape}")
+        if float(image.array.min()) == float(image.array.max()):
+            raise ValueError(f"{image.source or 'the ' + role + ' image'}: constant image (no contrast): there is no gland to outline")
         grid = frame_grid(image, self.frames[role])
         x = torch.as_tensor(resample(standardise(image), grid).array, dtype=torch.float32, device=self.device)
         with torch.no_grad():
