@@ -140,6 +140,13 @@ STEPS: tuple[Step, ...] = (
         writes=(f"{RESULTS}/quality_test.json",),
     ),
     Step(
+        "quality_glands",  # the opt-in blend of the critic's estimate with the glands' misfit, on a calibrated copy (not shipped)
+        ("priorreg --data-root {data} calibrate --model airnet_mrus --glands glands_mrus --out {runs}/airnet_mrus_glands/airnet_mrus.safetensors",
+         "priorreg --data-root {data} evaluate --task quality --split test --model {runs}/airnet_mrus_glands/airnet_mrus.safetensors "
+         f"--json {RESULTS}/quality_test_glands.json"),  # fmt: skip
+        writes=(f"{RESULTS}/quality_test_glands.json",),
+    ),
+    Step(
         "brain_baselines",  # the held-back brain set: PriorReg's baselines, the peers, and the undeformed control (false motion)
         tuple(
             _evaluate("brain_t1t2", method, f"{RESULTS}/deformgan_logs/{method}_{split}.json", split)

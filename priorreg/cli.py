@@ -289,6 +289,30 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import shutil
+
+    from .models import resolve_model
+    from .quality import calibrate
+
+    if args.per_pair < 1 or (args.pairs is not None and args.pairs < 1):
+        raise VolumeError(f"--per-pair and --pairs: 1 or more, got {args.per_pair} and {args.pairs}")
+    if args.out and not args.out.endswith(".safetensors"):
+        raise VolumeError(f"--out: a .safetensors path (its card is written beside it), got {args.out}")
+    path = resolve_model(args.model)
+    pairs = data.split_by_patient(data.mrus_pairs(args.data_root))["val"][: args.pairs]
+    if args.out:  # a calibrated copy: the model named stays as it was
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for source, target in ((path, out), (path.with_suffix(".json"), out.with_suffix(".json"))):
+            shutil.copyfile(source, target)
+        path = out
+    calibrate(path, pairs, args.per_pair, args.seed, None if args.glands == "none" else args.glands)
+    card = json.loads(path.with_suffix(".json").read_text())
+    print(json.dumps({"card": str(path.with_suffix(".json")), "validation": card["validation"]}, indent=2))
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import load_config, train
 
@@ -446,6 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--per-pair", type=int, default=20, help="quality: known-error alignments scored per pair")
     v.add_argument("--json", help="write the full report here")
     v.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("calibrate", help="refit an AIR-net model's TRE calibration on the validation patients (writes its card)")
+    c.add_argument("--model", required=True, help="AIR-net model (.safetensors, its .json card beside it; a shipped name calibrates the shipped card)")
+    c.add_argument("--glands", default="none", help="gland segmenters whose misfit joins the critic's estimate (e.g. glands_mrus; opt-in: see README)")
+    c.add_argument("--per-pair", type=int, default=40, help="known-error alignments per validation pair")
+    c.add_argument("--pairs", type=int, help="the first N validation pairs only (default: all)")
+    c.add_argument("--out", help="write a calibrated copy here (NAME.safetensors, its card beside it) instead of rewriting the model's card")
+    c.add_argument("--seed", type=int, default=1)
+    c.set_defaults(func=cmd_calibrate)
 
     t = sub.add_parser("train", help="train a registration network from a YAML config (also under torchrun)")
     t.add_argument("config", help="YAML config (keys: priorreg.train.DEFAULTS)")

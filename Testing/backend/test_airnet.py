@@ -167,6 +167,7 @@ def test_a_short_training_run_writes_a_calibrated_model(tmp_path, shared_data, c
     card = json.loads((tmp_path / "run" / "tiny.json").read_text())
     cal = card["calibration"]
     assert len(cal["score"]) == 9 and np.all(np.diff(cal["tre_mm"]) <= 1e-9)  # 3 pairs x 3, non-increasing
+    assert "gland_calibration" not in card  # the blend with the glands' misfit is opt-in (priorreg calibrate --glands)
     loaded = air.LoadedAirNet.load(tmp_path / "run" / "tiny.safetensors", "cpu")
     clipped = max(p.abs().max().item() for p in loaded.critic.parameters()) <= 0.01
     assert clipped == (critic["mode"] == "clip")  # a regression critic is never clipped

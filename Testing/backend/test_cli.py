@@ -164,8 +164,31 @@ def test_evaluate_quality_reports_agreement_with_known_errors(tmp_path, shared_d
     assert all(r["tre_mm"] >= 0 and r["gland_error_mm"] >= 0 for r in report["pairs"])
     # the bound: how the gland error itself (what the images show) ranks the landmark TRE
     assert s["gland_error_spearman"] < -0.5 and 0.5 < s["gland_error_auroc"] <= 1
+    # the glands' misfit is measured on every sample; the shipped card holds no gland calibration, so the
+    # report's estimate is the critic's
+    assert all(r["gland_misfit_mm"] >= 0 for r in report["pairs"] if np.isfinite(r["gland_misfit_mm"]))
+    assert -1 <= s["gland_misfit_spearman"] <= 1 and "report_spearman" not in s
     assert main(["--data-root", str(shared_data), "evaluate", "--task", "quality", "--per-pair", "0", "--json", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_calibrate_writes_the_named_models_card_only(tmp_path, shared_data, repo_root):
+    """`priorreg calibrate --out` writes a calibrated copy of the shipped critic (its calibration, and with
+    --glands the blend's) and leaves the shipped model as it was; bad numbers write nothing."""
+    shipped = repo_root / "Resources" / "Models" / "airnet_mrus"
+    before = {suffix: shipped.with_suffix(suffix).read_bytes() for suffix in (".safetensors", ".json")}
+    copy = tmp_path / "cal" / "copy.safetensors"
+    base = ["--data-root", str(shared_data), "calibrate", "--model", "airnet_mrus", "--out", str(copy)]
+    assert main([*base, "--per-pair", "0"]) == 2 and not copy.parent.exists()
+    assert main([*base[:-1], str(tmp_path / "copy.pt")]) == 2 and not (tmp_path / "copy.pt").exists()
+    assert main([*base, "--pairs", "2", "--per-pair", "3", "--glands", "glands_mrus"]) == 0
+    card = json.loads(copy.with_suffix(".json").read_text())
+    cal, glands = card["calibration"], card["gland_calibration"]
+    assert cal["n"] == 6 and len(cal["pairs"]) == 2 and np.all(np.diff(cal["tre_mm"]) <= 1e-9)
+    assert glands["glands"] == "glands_mrus" and 0 <= glands["weight"] <= 1 and np.all(np.diff(glands["tre_mm"]) >= -1e-9)
+    assert -1 <= card["validation"]["with_glands_spearman"] <= 1
+    assert copy.read_bytes() == before[".safetensors"]
+    assert all(shipped.with_suffix(suffix).read_bytes() == content for suffix, content in before.items())
 
 
 def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data, capsys):

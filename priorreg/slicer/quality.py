@@ -53,13 +53,15 @@ TABLE_COLUMNS = {
 # Unit and meaning of each report entry, in table order; an entry the backend adds later comes last, bare.
 METRICS = {
     "verdict": ("", "good, check or failed: from the TRE estimate and its thresholds, and the reasons below"),
-    "tre_estimate_mm": ("mm", "target registration error estimated from the D-score (calibrated on validation patients)"),
+    "tre_estimate_mm": ("mm", "target registration error estimated from the D-score (and the gland misfit, where the card says so; calibrated on validation patients)"),
     "tre_interval_low_mm": ("mm", "low end of the TRE estimate's interval (calibration residual percentiles)"),
     "tre_interval_high_mm": ("mm", "high end of the TRE estimate's interval"),
     "d_score": ("", "AIR-net critic's score of the pair (higher: better aligned)"),
+    "critic_tre_estimate_mm": ("mm", "target registration error estimated from the D-score alone"),
     "reasons": ("", "checks outside the critic that decided the verdict ('; '-separated; empty: none)"),
     "gland_offset_mm": ("mm", "distance between the glands found in the fixed and warped images (gross misalignment)"),
     "gland_dice": ("", "Dice of the glands found in the fixed and warped images"),
+    "gland_misfit_mm": ("mm", "RMS motion over the fixed gland of the rigid map that lays the warped gland onto it"),
     "folding_pct": ("%", "voxels where det J <= 0 (folding)"),
     "sdlogj": ("", "standard deviation of log det J"),
     "detj_mean": ("", "mean det J"),
@@ -154,7 +156,9 @@ def critic_summary(card: dict) -> str:
     parts = [model_summary(card)]
     calibration, validation = card.get("calibration"), card.get("validation") or {}
     parts.append(f"calibrated on {calibration.get('n', '?')} alignments of {calibration.get('fitted_on', '?')}" if calibration else "not calibrated: no TRE estimate")
-    parts += [f"{label} {validation[key]:.2f}" for key, label in (("spearman", "Spearman with TRE"), ("auroc", "AUROC for TRE > 5 mm")) if isinstance(validation.get(key), (int, float))]
+    labels = (("spearman", "Spearman with TRE"), ("auroc", "AUROC for TRE > 5 mm"))
+    labels += (("with_glands_spearman", "with the glands' misfit: Spearman"), ("with_glands_auroc", "AUROC"))
+    parts += [f"{label} {validation[key]:.2f}" for key, label in labels if isinstance(validation.get(key), (int, float))]
     return "; ".join(parts)
 
 
