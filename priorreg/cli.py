@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -290,8 +291,6 @@ def cmd_score(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import shutil
-
     from .models import resolve_model
     from .quality import calibrate
 

@@ -115,8 +115,16 @@ def fit_gland_calibration(critic_tre_mm, misfit_mm, tre) -> dict:
     return {"weight": weight, **fit_calibration(gland_evidence(c[ok], m[ok], weight), t[ok], increasing=True)}
 
 
+def gland_estimate(gland_calibration: dict, critic_tre_mm: float, misfit_mm: float) -> tuple[float, float, float]:
+    """The report's TRE (mm) and interval where the card holds a gland calibration: the critic's estimate and
+    the glands' misfit, blended, through that calibration."""
+    evidence = float(gland_evidence(critic_tre_mm, misfit_mm, gland_calibration["weight"]))
+    return estimate_tre(gland_calibration, evidence)
+
+
 def estimate_tre(calibration: dict, score: float) -> tuple[float, float, float]:
-    """The calibrated TRE (mm) of a D-score and its 80% interval (never below 0)."""
+    """The calibrated TRE (mm) of a score (the D-score, or the gland calibration's evidence) and its 80%
+    interval (never below 0)."""
     est = float(np.interp(score, calibration["score"], calibration["tre_mm"]))
     low, high = calibration["interval_mm"]
     return est, max(0.0, est + low), est + high
@@ -180,6 +188,9 @@ def _image_checks(warped: Volume, on_fixed: np.ndarray, fixed: Volume) -> list[s
     return reasons
 
 
+NO_GLAND = {"gland_offset_mm": float("nan"), "gland_dice": 0.0, "gland_misfit_mm": float("nan")}  # what `gland_agreement` says without one
+
+
 def gland_misfit(fixed_gland: Volume, warped_gland: Volume, steps: int = 80) -> float:
     """How far the warped gland lies from the fixed one (mm): the RMS, over the fixed gland, of the motion of
     the rigid map that best lays the warped gland probability onto the fixed one (least squares, Adam
@@ -225,7 +236,7 @@ def gland_agreement(glands: LoadedGlands, fixed: Volume, warped: Volume, fixed_g
     w = resample(glands.frame_probability(warped, "moving"), f, mode="linear")
     fm, wm = f.array[0] >= 0.5, w.array[0] >= 0.5
     if not (fm.any() and wm.any()):
-        return {"gland_offset_mm": float("nan"), "gland_dice": 0.0, "gland_misfit_mm": float("nan")}
+        return dict(NO_GLAND)
     points = Grid.of(f).physical_points()
     offset = np.linalg.norm(points[wm].mean(0) - points[fm].mean(0))
     return {
@@ -241,7 +252,7 @@ def _gland_check(glands: LoadedGlands, fixed: Volume, on_fixed: Volume, threshol
     try:
         found = gland_agreement(glands, fixed, on_fixed)
     except ValueError as error:  # e.g. a constant fixed image: no gland to look for
-        return {"gland_offset_mm": float("nan"), "gland_dice": 0.0}, f"the gland check could not run: {error}", False
+        return dict(NO_GLAND), f"the gland check could not run: {error}", False
     offset = found["gland_offset_mm"]
     if not np.isfinite(offset):
         return found, "no gland found in one of the images: the gland check could not run", False
@@ -296,8 +307,7 @@ def quality_report(
         report.update(critic_tre_estimate_mm=est)
         misfit = report.get("gland_misfit_mm", float("nan"))
         if q.gland_calibration and np.isfinite(misfit):  # the critic and the glands together
-            evidence = float(gland_evidence(est, misfit, q.gland_calibration["weight"]))
-            est, low, high = estimate_tre(q.gland_calibration, evidence)
+            est, low, high = gland_estimate(q.gland_calibration, est, misfit)
         report.update(tre_estimate_mm=est, tre_interval_mm=[low, high], verdict=verdict(est, q.thresholds))
     else:
         report.update(critic_tre_estimate_mm=float("nan"), tre_estimate_mm=float("nan"), tre_interval_mm=[float("nan")] * 2, verdict="check")
@@ -404,10 +414,10 @@ def calibrate(model_path, pairs, per_pair: int = 40, seed: int = 1, glands=None)
     card.update(calibration=calibration, thresholds_mm=THRESHOLDS_MM, validation=agreement(scores, tre))
     card.pop("gland_calibration", None)
     if glands:
-        critic = [estimate_tre(calibration, s)[0] for s in scores]
-        fit = fit_gland_calibration(critic, [r["gland_misfit_mm"] for r in rows], tre)
+        critic, misfit = [estimate_tre(calibration, s)[0] for s in scores], [r["gland_misfit_mm"] for r in rows]
+        fit = fit_gland_calibration(critic, misfit, tre)
         card["gland_calibration"] = {**fit, "glands": str(glands), "pairs": calibration["pairs"], "per_pair": per_pair, "seed": seed}
-        evidence = gland_evidence(critic, [r["gland_misfit_mm"] for r in rows], fit["weight"])
+        evidence = gland_evidence(critic, misfit, fit["weight"])
         card["validation"].update({f"with_glands_{k}": v for k, v in agreement(-evidence, tre).items()})
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
     return calibration
@@ -487,7 +497,7 @@ def _with_glands(rows: list[dict], critic_estimate: np.ndarray, tre: np.ndarray,
     if cal is None:
         return summary
     est = critic_estimate.copy()  # where no gland is found, the report falls back to the critic's estimate
-    est[found] = [estimate_tre(cal, e)[0] for e in gland_evidence(critic_estimate[found], misfit[found], cal["weight"])]
+    est[found] = [gland_estimate(cal, c, m)[0] for c, m in zip(critic_estimate[found], misfit[found])]
     for r, e in zip(rows, est):
         r["report_tre_estimate_mm"] = float(e)
     err = np.abs(est - tre)

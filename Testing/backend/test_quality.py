@@ -71,7 +71,7 @@ def test_gland_calibration_weighs_the_better_evidence_more():
     critic, misfit = tre + rng.normal(0, 3.0, 600), tre + 1.0 + rng.normal(0, 1.0, 600)
     cal = quality.fit_gland_calibration(critic, misfit, tre)
     assert cal["weight"] >= 0.6 and np.all(np.diff(cal["tre_mm"]) >= -1e-9)
-    est = np.array([quality.estimate_tre(cal, e)[0] for e in quality.gland_evidence(critic, misfit, cal["weight"])])
+    est = np.array([quality.gland_estimate(cal, c, m)[0] for c, m in zip(critic, misfit)])
     assert np.mean(np.abs(est - tre)) < 0.6 * np.mean(np.abs(critic - tre))
     worse = quality.fit_gland_calibration(critic, rng.uniform(0, 12, 600), tre)  # a misfit that says nothing
     assert worse["weight"] <= 0.2
