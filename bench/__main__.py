@@ -50,11 +50,13 @@ OPTIONS = {
     "mrus_prostate": {"iterative": {"init": "centres"}, "dip": {"init": "centres", "similarity": "lncc"}},
     # T1 -> T2/FLAIR: unrelated intensities, so seed 002's local gradient (edge orientations, blind to which side
     # is bright: the paper's signed form made iterative and DIP diverge here, 11.4 and 10.7 mm from 7.18), not MAE.
-    "brain_t1t2": {"iterative": {"similarity": "local_gradient"}, "dip": {"similarity": "local_gradient"}},
+    # DIP here is still the paper's network (its 4 pairs take an hour; not rerun since the coordinate channels came in).
+    "brain_t1t2": {"iterative": {"similarity": "local_gradient"}, "dip": {"similarity": "local_gradient", "network": "paper"}},
     # A brain on 2 CPU threads: DIP's default schedule (200 steps at 1/2, 100 at full size) takes 37 minutes (speed.md), and
     # a fresh network spends its first ~100 steps leaving its near-zero start, so a finer level given a share of a
     # short budget adds nothing (exploratory runs: 60 steps at 1/2 after 400 at 1/4 left Dice unchanged). It gets 5 minutes,
-    # all at 1/4 (about 0.17 s a step); `bench/results/speed_cuda.md` has the full schedule on a GPU.
+    # all at 1/4 (about 0.27 s a step); `bench/results/speed_cuda.md` has the full schedule on a GPU. The paper's MAE: with
+    # LNCC the default network folds more for no more Dice (README, "oasis"; `bench/results/dip_logs/`).
     "oasis": {"dip": {"levels": (4,), "steps": (2000,), "max_seconds": 300}},
 }
 # Trained networks run only on the task their shipped model was trained for.

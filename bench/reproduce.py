@@ -171,12 +171,18 @@ STEPS: tuple[Step, ...] = (
         writes=tuple(f"{RESULTS}/deformgan_logs/deformgan_{name}.json" for name in ("test", "finetune100_test", "train")),
     ),
     Step(
-        "dip_oasis",  # the OASIS suite's DIP setting (one 1/4 level, 5 minutes) with MAE and LNCC, and iterative at that one level
+        # The OASIS suite's DIP setting (one 1/4 level, 5 minutes) with MAE and LNCC, the paper's network and the default one
+        # (the suite's row is the default with MAE), and iterative at that one level.
+        "dip_oasis",
         tuple(
-            _evaluate("oasis", method, f"{RESULTS}/dip_logs/oasis_{method}_quarter_{sim}.json", "all",
+            _evaluate("oasis", method, f"{RESULTS}/dip_logs/oasis_{name}_quarter_{sim}.json", "all",
                       f" --levels 4 {schedule} --similarity {sim}")
-            for method, schedule in (("dip", "--steps 2000 --max-seconds 300"), ("iterative", "--steps 120"))
-            for sim in ("mae", "lncc")
+            for method, name, schedule, similarities in (
+                ("dip", "dip_paper", "--steps 2000 --max-seconds 300 --dip-network paper", ("mae", "lncc")),
+                ("dip", "dip", "--steps 2000 --max-seconds 300", ("mae", "lncc")),
+                ("iterative", "iterative", "--steps 120", ("mae", "lncc")),
+            )
+            for sim in similarities
         ),
         writes=(f"{RESULTS}/dip_logs/*.json",),
     ),

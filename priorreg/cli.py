@@ -26,6 +26,7 @@ from .simulate import cli as simulate_cli
 from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
 
+DIP_NETWORK_HELP = "dip: coords (default: noise and voxel coordinates in) or paper (seed 003's: noise in, weights N(0, 0.01))"
 OPTIMISED = ("iterative", "dip")  # per-pair optimisers, no model: --init, --similarity, --levels/--steps
 LABEL_DRIVEN = (*OPTIMISED, "glands", "segreg")  # methods that take segmentations to align (--label-channels)
 SEGMENTING = ("glands", "segreg")  # methods that segment an image whose labels are not given
@@ -94,14 +95,18 @@ def _finetune_options(args) -> dict:
 
 
 def _schedule_options(args) -> dict:
-    """The coarse-to-fine schedule of dip and iterative (DIP's time budget too), where given (the method's defaults otherwise)."""
+    """The coarse-to-fine schedule of dip and iterative (DIP's time budget and network too), where given (the method's defaults otherwise)."""
     given = {
         name: value
-        for name, value in (("levels", args.levels), ("steps", args.steps), ("max_seconds", args.max_seconds))
+        for name, value in (
+            ("levels", args.levels), ("steps", args.steps), ("max_seconds", args.max_seconds), ("network", args.dip_network)
+        )
         if value is not None
     }
     if args.max_seconds is not None and args.method != "dip":
         raise VolumeError(f"--max-seconds is DIP's time budget; --method {args.method} has none")
+    if args.dip_network is not None and args.method != "dip":
+        raise VolumeError(f"--dip-network is DIP's network; --method {args.method} has none")
     if given and args.method not in OPTIMISED:
         raise VolumeError(f"--levels and --steps are the schedule of dip and iterative; --method {args.method} has its own")
     if ("levels" in given) != ("steps" in given) or len(given.get("levels", ())) != len(given.get("steps", ())):
@@ -395,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--steps", type=int, nargs="+", help="dip, iterative: optimisation steps at each level (default: dip 200 100, iterative 120 80 40)")
     r.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
+    r.add_argument("--dip-network", choices=["coords", "paper"], help=DIP_NETWORK_HELP)
     r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
     r.add_argument("--smooth-weight", type=float, help="iterative, dip, segreg: the field's smoothness weight (default: the method's)")
@@ -457,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--steps", type=int, nargs="+", help="dip, iterative: optimisation steps at each level (default: dip 200 100, iterative 120 80 40)")
     v.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
+    v.add_argument("--dip-network", choices=["coords", "paper"], help=DIP_NETWORK_HELP)
     v.add_argument("--init", choices=["geometry", "centres"], help="iterative, dip: the starting alignment (default: the method's)")
     v.add_argument(
         "--label-channels", type=int, nargs="+",

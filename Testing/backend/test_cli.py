@@ -192,12 +192,13 @@ def test_calibrate_writes_the_named_models_card_only(tmp_path, shared_data, repo
 
 
 def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data, capsys):
-    """--levels/--steps/--similarity/--smooth-weight reach DIP and iterative, --max-seconds DIP (what ran is in metrics.json); misuse and nonsense values are one line, nothing written."""
+    """--levels/--steps/--similarity/--smooth-weight reach DIP and iterative, --max-seconds and --dip-network DIP (what ran is in metrics.json); misuse and nonsense values are one line, nothing written."""
     out = tmp_path / "dip"
     base = ["--data-root", str(shared_data), "register", "--sample", "mrus", "--init", "centres"]
-    assert main([*base, "--method", "dip", "--levels", "4", "--steps", "6", "--out", str(out)]) == 0
+    assert main([*base, "--method", "dip", "--levels", "4", "--steps", "6", "--dip-network", "paper", "--out", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["options"]["levels"] == [4.0] and report["options"]["steps"] == [6] and report["steps_run"] == 6
+    assert report["options"]["network"] == "paper"
     assert report["registered"]["tre_rms_mm"] < report["identity"]["tre_rms_mm"]  # the centred start and six coarse steps
     out = tmp_path / "iterative"
     assert main([*base, "--method", "iterative", "--levels", "4", "--steps", "3", "--similarity", "mae", "--out", str(out)]) == 0
@@ -215,6 +216,7 @@ def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data
         (["--method", "dip", "--levels", "2", "1", "--steps", "100"], "one step count per level"),
         (["--method", "dip", "--steps", "100"], "together"),
         (["--method", "iterative", "--max-seconds", "5"], "DIP's time budget"),
+        (["--method", "iterative", "--dip-network", "paper"], "--dip-network is DIP's network"),
         (["--method", "adversarial", "--levels", "4", "--steps", "5"], "schedule of dip and iterative"),
         (["--method", "centres", "--similarity", "mae"], "--similarity is for iterative, dip"),
         (["--method", "symmetric", "--similarity", "mae"], "--similarity is for iterative, dip"),  # no --finetune-steps: nothing would use it

@@ -29,7 +29,7 @@ def test_image_only_dip_improves_dice_without_folding(pair):
     before = pair_metrics(register_identity(fixed, moving).field, fixed, moving, fixed_labels, moving_labels)
     result = dip.register_dip(fixed, moving, levels=(2,), steps=(80,), device="cpu")
     after = pair_metrics(result.field, fixed, moving, fixed_labels, moving_labels)
-    # Measured: identity 0.624; dip 0.768 with 60 + 20 steps, 0.795 with 100 coarse steps; no folding.
+    # Measured: identity 0.624; dip 0.808 (the paper's network: 0.792); no folding.
     assert result.method == "dip" and Grid.of(result.field).matches(fixed) and Grid.of(result.warped).matches(fixed)
     assert after["dice_mean"] > before["dice_mean"] + 0.08, (before["dice_mean"], after["dice_mean"])
     assert after["folding_pct"] < 3.0
@@ -75,10 +75,40 @@ def test_noise_input_is_resampled_every_iteration(pair, monkeypatch):
 
     monkeypatch.setattr(dip, "UNet3D", Recording)
     dip.register_dip(fixed, moving, levels=(4,), steps=(4,), device="cpu")
-    shape = (1, dip.NOISE_CHANNELS, *Grid.of(fixed).scaled(4).shape)
+    shape = (1, dip.NOISE_CHANNELS + 3, *Grid.of(fixed).scaled(4).shape)
     assert len(inputs) == 4 and all(x.shape == shape for x in inputs)
-    assert all(not torch.equal(a, b) for a, b in zip(inputs, inputs[1:]))
-    assert abs(float(torch.cat(inputs).std()) - dip.NOISE_STD) < 0.01
+    noise, position = [x[:, : dip.NOISE_CHANNELS] for x in inputs], [x[:, dip.NOISE_CHANNELS :] for x in inputs]
+    assert all(not torch.equal(a, b) for a, b in zip(noise, noise[1:]))
+    assert abs(float(torch.cat(noise).std()) - dip.NOISE_STD) < 0.01
+    # The coordinate channels: the same at every step, -1 to 1 along each axis (channel a varies along axis a only).
+    assert all(torch.equal(position[0], p) for p in position[1:])
+    for axis in range(3):
+        channel = position[0][0, axis]
+        assert float(channel.min()) == -1.0 and float(channel.max()) == 1.0
+        assert float(channel.std(dim=axis).max()) > 0 and float((channel - channel.mean(dim=axis, keepdim=True)).abs().max()) > 0
+        others = [a for a in range(3) if a != axis]
+        assert float(channel.std(dim=others).max()) == 0.0
+
+
+def test_both_networks_start_at_the_identity_and_the_coordinates_move_sooner(pair):
+    """The paper's N(0, 0.01) network spends its first steps leaving a near-zero output; the default network
+    (coordinates in, default initialisation, near-zero output layer) starts as close to the identity and moves at once."""
+    fixed, moving, fixed_labels, moving_labels = pair
+    for coords in (False, True):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = dip.DipNet(coords, (16, 32, 32, 32))(dip.NOISE_STD * torch.randn(1, dip.NOISE_CHANNELS, 13, 22, 9))
+        assert out.shape == (1, 3, 13, 22, 9) and float(out.abs().max()) < 1e-2, (coords, float(out.abs().max()))  # x 10 mm: under 0.1 mm
+    dice = {
+        network: pair_metrics(
+            dip.register_dip(fixed, moving, levels=(2,), steps=(40,), network=network, device="cpu").field,
+            fixed, moving, fixed_labels, moving_labels,
+        )["dice_mean"]
+        for network in dip.NETWORKS
+    }
+    before = pair_metrics(register_identity(fixed, moving).field, fixed, moving, fixed_labels, moving_labels)["dice_mean"]
+    # Measured: identity 0.624; after 40 steps at 1/2, paper 0.737, coords 0.818 (80 steps: 0.792, 0.808).
+    assert dice["coords"] > dice["paper"] + 0.03 and dice["coords"] > before + 0.08, (before, dice)
 
 
 def test_out_of_memory_keeps_the_coarser_level(pair, monkeypatch):
@@ -103,6 +133,8 @@ def test_bad_options_and_registration():
         dip.register_dip(volume, volume, similarity="ncc")
     with pytest.raises(ValueError, match="levels and steps"):
         dip.register_dip(volume, volume, levels=(2, 1), steps=(5,))
+    with pytest.raises(ValueError, match="network: one of coords, paper"):
+        dip.register_dip(volume, volume, network="unet")
     assert METHODS["dip"] is dip.register_dip
     args = build_parser().parse_args(["register", "--method", "dip", "--similarity", "mae", "--fixed", "f", "--moving", "m", "--out", "o"])
     assert args.method == "dip" and args.similarity == "mae"

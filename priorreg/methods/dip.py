@@ -1,7 +1,7 @@
 """Deep image prior registration (seed 003, Laves et al.): an untrained CNN as the regulariser.
 
 No training data: for each pair, a randomly initialised 3D encoder-decoder
-(`priorreg.nets.unet.UNet3D`, weights ~ N(0, 0.01)) maps noise to the
+(`priorreg.nets.unet.UNet3D`, inside `DipNet`) maps noise to the
 displacement field, and its weights are optimised with Adam on the image
 similarity (the paper's choice is MAE). What regularises the field is the
 structure of the network, not a penalty (`smooth_weight` adds an optional one).
@@ -11,6 +11,18 @@ Choices, following the paper where it says something:
 - Input: `NOISE_CHANNELS` channels of noise z ~ N(0, 0.1^2) (std 0.1) with the
   field's spatial size, drawn afresh at every iteration, so the network has to
   produce a field that does not depend on the particular noise.
+- `network` (`NETWORKS`): "paper" is seed 003's generator exactly, noise in and every
+  weight ~ N(0, 0.01). "coords" (the default) adds three channels of voxel coordinates
+  (-1 to 1 along each axis) to the noise and keeps PyTorch's default initialisation
+  but for the output convolution, whose weights are ~ N(0, `OUTPUT_INIT_STD`).
+  Why: z is redrawn at every step, so the paper's fully convolutional network sees no
+  position but the zero padding at the volume's borders, and its field can only vary
+  in space through those border effects; and N(0, 0.01) weights through a deep stack
+  give a near-zero output whose gradients are near zero too, so the first ~150 steps
+  change nothing. The coordinates give the network its position (as CoordConv does),
+  the default initialisation keeps its activations alive, and the near-zero output
+  layer still starts it at the identity. On the two OASIS brains at 1/4 with MAE and
+  5 minutes: Dice 0.63 -> 0.72 (README, "oasis").
 - Output: the network's 3 channels times `output_scale_mm` are the displacement
   `u` in mm (LPS) on the level's grid, `phi(x) = x + u(x)`. The scale only
   sets how fast Adam moves the field; 1 output unit = `output_scale_mm` mm.
@@ -19,7 +31,7 @@ Choices, following the paper where it says something:
 - Coarse to fine, the simplest variant that works: one fresh network per level
   predicts a residual, `u = up(u_coarser) + scale * f_level(z)`, where
   `up(u_coarser)` is the previous level's field (frozen) sampled onto the finer
-  grid. A fresh N(0, 0.01) network starts at a near-zero residual, so every
+  grid. A fresh network starts at a near-zero residual, so every
   level starts where the previous one ended. (Feeding the coarse network finer
   noise would change its output, since its convolutions work in voxels.)
 - `smooth_weight` (default 0.1) adds `regularizers.gradient_l2(u)`: a departure
@@ -42,6 +54,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 
 from .. import losses, regularizers
 from ..nets.unet import UNet3D
@@ -52,7 +65,28 @@ from .common import PairData, check_schedule, initial_translation, pick_device
 
 NOISE_CHANNELS = 8
 NOISE_STD = 0.1
+OUTPUT_INIT_STD = 1e-5
+NETWORKS = ("coords", "paper")
 MAX_FACTOR = 16
+
+
+class DipNet(nn.Module):
+    """Seed 003's generator (`coords=False`), or the same U-Net told where it is: see the module's docstring, `network`."""
+
+    def __init__(self, coords: bool, channels: tuple):
+        super().__init__()
+        self.coords = coords
+        self.unet = UNet3D(NOISE_CHANNELS + 3 * self.coords, 3, channels, init_std=None if self.coords else 0.01)
+        if self.coords:
+            nn.init.normal_(self.unet.out.weight, 0.0, OUTPUT_INIT_STD)
+            nn.init.zeros_(self.unet.out.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.coords:
+            axes = [torch.linspace(-1.0, 1.0, n, device=z.device, dtype=z.dtype) for n in z.shape[2:]]
+            position = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(len(z), -1, -1, -1, -1)
+            z = torch.cat([z, position], dim=1)
+        return self.unet(z)
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -101,6 +135,7 @@ def register_dip(
     lr: float = 1e-3,
     output_scale_mm: float = 10.0,
     channels: tuple = (16, 32, 32, 32),
+    network: str = "coords",
     patience: int = 100,
     min_delta: float = 1e-3,
     init: str = "geometry",
@@ -115,6 +150,8 @@ def register_dip(
     never pass evaluation labels here. Deterministic for a given `seed` and device.
     """
     check_schedule(levels, steps, smooth_weight=smooth_weight, label_weight=label_weight)
+    if network not in NETWORKS:
+        raise ValueError(f"network: one of {', '.join(NETWORKS)}; got {network!r}")
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be more than 0; got {max_seconds}")
     torch.manual_seed(seed)
@@ -133,7 +170,7 @@ def register_dip(
 
     def run_level(grid: Grid, factor: float, n: int, base: torch.Tensor, budget_end: float | None):
         images = pair.level(grid, factor)
-        net = UNet3D(NOISE_CHANNELS, 3, channels).to(dev)
+        net = DipNet(network == "coords", channels).to(dev)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         plateau = Plateau(patience, min_delta)
         for _ in range(n):

@@ -11,7 +11,8 @@ Initialisation, as in seed 003: every weight ~ N(0, 0.01) (std 0.01), biases 0.
 With such small weights the output starts close to 0, i.e. the optimisation
 starts near the identity warp. `init_std=None` keeps PyTorch's default
 initialisation instead: the gland segmenters (`methods/glands.py`) are trained
-networks, and N(0, 0.01) weights make a deep stack's activations vanish.
+networks, and N(0, 0.01) weights make a deep stack's activations vanish (DIP's
+default network, `methods/dip.py`, takes that too, with a near-zero output layer).
 """
 
 from __future__ import annotations
