@@ -186,6 +186,15 @@ STEPS: tuple[Step, ...] = (
         ),
         writes=(f"{RESULTS}/dip_logs/*.json",),
     ),
+    Step(
+        "dip_mrus_smoothness",  # DIP's smoothness for the MR-US suite, chosen on 5 validation pairs
+        tuple(
+            _evaluate("mrus_prostate", "dip", f"{RESULTS}/dip_logs/mrus_dip_val_smooth{w}.json", "val",
+                      f" --pairs 5 --init centres --similarity lncc --smooth-weight {w}")
+            for w in ("0.1", "0.5")
+        ),
+        writes=(f"{RESULTS}/dip_logs/mrus_dip_val_smooth*.json",),
+    ),
     # ------------------------------------------------------------------------------------ training runs
     Step(
         "regularizers",
