@@ -20,6 +20,7 @@ from . import data
 from .evaluate import TASKS, evaluate_task, pair_metrics, summarise, versions
 from .jacobian import jacobian_volume
 from .methods import METHODS
+from .methods.dip import NETWORKS as DIP_NETWORKS
 from .models import FINETUNED
 from .registration import Cancelled, Progress, register
 from .simulate import cli as simulate_cli
@@ -400,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--steps", type=int, nargs="+", help="dip, iterative: optimisation steps at each level (default: dip 200 100, iterative 120 80 40)")
     r.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
-    r.add_argument("--dip-network", choices=["coords", "paper"], help=DIP_NETWORK_HELP)
+    r.add_argument("--dip-network", choices=DIP_NETWORKS, help=DIP_NETWORK_HELP)
     r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
     r.add_argument("--smooth-weight", type=float, help="iterative, dip, segreg: the field's smoothness weight (default: the method's)")
@@ -463,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--steps", type=int, nargs="+", help="dip, iterative: optimisation steps at each level (default: dip 200 100, iterative 120 80 40)")
     v.add_argument("--max-seconds", type=float, help="dip: time budget, shared by the levels in proportion to their steps")
-    v.add_argument("--dip-network", choices=["coords", "paper"], help=DIP_NETWORK_HELP)
+    v.add_argument("--dip-network", choices=DIP_NETWORKS, help=DIP_NETWORK_HELP)
     v.add_argument("--init", choices=["geometry", "centres"], help="iterative, dip: the starting alignment (default: the method's)")
     v.add_argument(
         "--label-channels", type=int, nargs="+",

@@ -85,7 +85,7 @@ def test_noise_input_is_resampled_every_iteration(pair, monkeypatch):
     for axis in range(3):
         channel = position[0][0, axis]
         assert float(channel.min()) == -1.0 and float(channel.max()) == 1.0
-        assert float(channel.std(dim=axis).max()) > 0 and float((channel - channel.mean(dim=axis, keepdim=True)).abs().max()) > 0
+        assert float(channel.std(dim=axis).max()) > 0
         others = [a for a in range(3) if a != axis]
         assert float(channel.std(dim=others).max()) == 0.0
 
