@@ -47,12 +47,15 @@ ACCURACY = {
 }
 # Per-task options for PriorReg's methods (MR and TRUS headers are in unrelated frames).
 OPTIONS = {
-    # DIP's smoothness 0.5, not its 0.1: chosen on the validation patients (README, "Command line", `dip`).
-    "mrus_prostate": {"iterative": {"init": "centres"}, "dip": {"init": "centres", "similarity": "lncc", "smooth_weight": 0.5}},
-    # T1 -> T2/FLAIR: unrelated intensities, so seed 002's local gradient (edge orientations, blind to which side
-    # is bright: the paper's signed form made iterative and DIP diverge here, 11.4 and 10.7 mm from 7.18), not MAE.
-    # DIP here is still the paper's network (its 4 pairs take an hour; not rerun since the coordinate channels came in).
-    "brain_t1t2": {"iterative": {"similarity": "local_gradient"}, "dip": {"similarity": "local_gradient", "network": "paper"}},
+    # DIP's smoothness 0.5, not its 0.1, then mutual information, not LNCC: chosen on the validation patients (README,
+    # "Command line", `dip`).
+    "mrus_prostate": {"iterative": {"init": "centres"}, "dip": {"init": "centres", "similarity": "mi", "smooth_weight": 0.5}},
+    # T1 -> T2/FLAIR: unrelated intensities, so not MAE. Iterative: LNCC (its squared local correlation is blind to which
+    # side of an edge is bright), chosen over seed 002's local gradient on 3 training pairs, mean EPE 1.28 against 2.25 mm
+    # (`bench/results/iterative_logs/`); the paper's signed local gradient had made iterative and DIP diverge here (11.4 and
+    # 10.7 mm from 7.18). DIP here is still the paper's network with the local gradient (its 4 pairs take an hour; not
+    # rerun since the coordinate channels and the LNCC choice came in).
+    "brain_t1t2": {"iterative": {"similarity": "lncc"}, "dip": {"similarity": "local_gradient", "network": "paper"}},
     # A brain on 2 CPU threads: DIP's default schedule (200 steps at 1/2, 100 at full size) takes 37 minutes (speed.md), and
     # a fresh network spends its first ~100 steps leaving its near-zero start, so a finer level given a share of a
     # short budget adds nothing (exploratory runs: 60 steps at 1/2 after 400 at 1/4 left Dice unchanged). It gets 5 minutes,

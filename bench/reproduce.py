@@ -135,6 +135,14 @@ STEPS: tuple[Step, ...] = (
         writes=(f"{RESULTS}/mrus_test_*.json",),
     ),
     Step(
+        "glands_image",  # the glands method with the images' mutual information beside the outlines: validation, then test
+        tuple(
+            _evaluate("mrus_prostate", "glands", f"{RESULTS}/glands_logs/glands_mrus_{split}_image0.3.json", split, " --image-weight 0.3")
+            for split in ("val", "test")
+        ),
+        writes=(f"{RESULTS}/glands_logs/glands_mrus_*_image0.3.json",),
+    ),
+    Step(
         "quality",  # the shipped critic against known errors, and the bound any score of the images has (gland error)
         ("priorreg --data-root {data} evaluate --task quality --split test --json bench/results/quality_test.json",),
         writes=(f"{RESULTS}/quality_test.json",),
@@ -187,13 +195,25 @@ STEPS: tuple[Step, ...] = (
         writes=(f"{RESULTS}/dip_logs/*.json",),
     ),
     Step(
-        "dip_mrus_smoothness",  # DIP's smoothness for the MR-US suite, chosen on 5 validation pairs
+        "iterative_brain_similarity",  # the brain_t1t2 suite's similarity for iterative, chosen on 3 training pairs
         tuple(
-            _evaluate("mrus_prostate", "dip", f"{RESULTS}/dip_logs/mrus_dip_val_smooth{w}.json", "val",
-                      f" --pairs 5 --init centres --similarity lncc --smooth-weight {w}")
-            for w in ("0.1", "0.5")
+            _evaluate("brain_t1t2", "iterative", f"{RESULTS}/iterative_logs/brain_t1t2_train_{sim}.json", "train",
+                      f" --pairs 3 --similarity {sim}")
+            for sim in ("lncc", "local_gradient")
         ),
-        writes=(f"{RESULTS}/dip_logs/mrus_dip_val_smooth*.json",),
+        writes=(f"{RESULTS}/iterative_logs/brain_t1t2_train_*.json",),
+    ),
+    Step(
+        # DIP on MR-US: its smoothness, then its similarity, chosen on 5 validation pairs; then the chosen setting on
+        # every test pair (18), once.
+        "dip_mrus",
+        tuple(
+            _evaluate("mrus_prostate", "dip", f"{RESULTS}/dip_logs/mrus_dip_val_{name}.json", "val",
+                      f" --pairs 5 --init centres --similarity {sim} --smooth-weight {w}")
+            for name, sim, w in (("smooth0.1", "lncc", "0.1"), ("smooth0.5", "lncc", "0.5"), ("mi_smooth0.5", "mi", "0.5"))
+        ) + (_evaluate("mrus_prostate", "dip", f"{RESULTS}/dip_logs/mrus_dip_test_mi_smooth0.5.json", "test",
+                       " --init centres --similarity mi --smooth-weight 0.5"),),
+        writes=(f"{RESULTS}/dip_logs/mrus_dip_*.json",),
     ),
     # ------------------------------------------------------------------------------------ training runs
     Step(

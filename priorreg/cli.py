@@ -22,7 +22,7 @@ from .jacobian import jacobian_volume
 from .methods import METHODS
 from .methods.dip import NETWORKS as DIP_NETWORKS
 from .models import FINETUNED
-from .registration import Cancelled, Progress, register
+from .registration import SIMILARITIES, Cancelled, Progress, register
 from .simulate import cli as simulate_cli
 from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError
@@ -32,7 +32,7 @@ OPTIMISED = ("iterative", "dip")  # per-pair optimisers, no model: --init, --sim
 LABEL_DRIVEN = (*OPTIMISED, "glands", "segreg")  # methods that take segmentations to align (--label-channels)
 SEGMENTING = ("glands", "segreg")  # methods that segment an image whose labels are not given
 SMOOTHED = (*OPTIMISED, "segreg")  # methods with a smoothness weight to set (--smooth-weight)
-IMAGE_WEIGHTED = ("iterative", "segreg")  # methods weighing an image similarity beside their labels (--image-weight)
+IMAGE_WEIGHTED = ("iterative", "segreg", "glands")  # methods weighing an image similarity beside their labels (--image-weight)
 DEFAULT_MODELS = {  # --method -> shipped model
     "adversarial": "adversarial_mrus",
     "airnet": "airnet_mrus",
@@ -380,9 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", default="iterative", choices=sorted(METHODS))
     r.add_argument(
         "--similarity",
-        choices=["lncc", "mse", "local_gradient", "mae"],
-        help="default: lncc for iterative and symmetric fine-tuning, mae for dip (the paper's), the card's for deformgan "
-        "fine-tuning (lncc or local_gradient only), none for adversarial fine-tuning",
+        choices=SIMILARITIES,
+        help="mi (mutual information) or local_gradient for two modalities; default: lncc for iterative and symmetric "
+        "fine-tuning, mae for dip (the paper's), the card's for deformgan fine-tuning (lncc or local_gradient only), none "
+        "for adversarial fine-tuning",
     )
     r.add_argument("--init", default="geometry", choices=["geometry", "centres"], help="iterative, dip (adversarial: its card's)")
     r.add_argument(
@@ -405,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     r.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
     r.add_argument("--smooth-weight", type=float, help="iterative, dip, segreg: the field's smoothness weight (default: the method's)")
-    r.add_argument("--image-weight", type=float, help="iterative, segreg: the image similarity's weight beside the labels' (default: the method's)")
+    r.add_argument("--image-weight", type=float, help="iterative, segreg, glands (its mutual information): the image similarity's weight beside the labels' (default: the method's)")
     r.add_argument("--passes", type=int, default=1, help="airnet: generator passes, each undoing the remaining misalignment")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=cmd_register)
@@ -452,10 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", help="trained model name or .safetensors path (default: the method's shipped model, e.g. adversarial_mrus)")
     v.add_argument("--smooth-mm", type=float, help="symmetric: Gaussian (mm) on the predicted field (default: the model card's; 0: raw)")
     v.add_argument("--smooth-weight", type=float, help="iterative, dip, segreg: the field's smoothness weight (default: the method's)")
-    v.add_argument("--image-weight", type=float, help="iterative, segreg: the image similarity's weight beside the labels' (default: the method's)")
+    v.add_argument("--image-weight", type=float, help="iterative, segreg, glands (its mutual information): the image similarity's weight beside the labels' (default: the method's)")
     v.add_argument("--finetune-steps", type=int, default=0, help="adversarial, symmetric, deformgan: fine-tune on each pair's images first")
     v.add_argument(
-        "--similarity", choices=["lncc", "mse", "local_gradient", "mae"],
+        "--similarity", choices=SIMILARITIES,
         help="iterative, dip: the image similarity; adversarial, symmetric, deformgan: that of --finetune-steps (default: the method's)",
     )
     v.add_argument(

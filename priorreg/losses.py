@@ -100,3 +100,46 @@ def mae(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
 
 def mse(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
     return ((fixed - warped) ** 2).mean()
+
+
+def mutual_information(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 32, max_voxels: int = 2**20) -> torch.Tensor:
+    """Minus the mutual information (nats) of the two images' joint histogram, per batch element, averaged.
+
+    Global and blind to how one modality's intensities map onto the other's (T1 to T2, MR to
+    ultrasound), where LNCC assumes a local linear map. Each image is scaled to [0, 1] by its own
+    minimum and maximum (taken without gradient), then binned with Parzen windows as in Mattes et al.
+    (ITK's Mattes metric): a linear window for the fixed image, a cubic B-spline window for the
+    warped one, so the histogram, and the loss, change smoothly as warped intensities move. The
+    joint histogram is a scatter-add over voxels: memory grows with the voxels, not voxels x bins
+    (a Gaussian-window histogram as MONAI's would need a voxels x bins matrix per image). Volumes of
+    more than `max_voxels` voxels are sampled on a regular stride of the flattened voxels (a fixed
+    subset, so a given pair's loss is deterministic).
+    """
+    b = fixed.shape[0]
+    f, w = fixed.reshape(b, -1), warped.reshape(b, -1)
+    stride = -(-f.shape[1] // max_voxels)
+    f, w = f[:, ::stride], w[:, ::stride]
+
+    def unit(x):
+        lo, hi = x.detach().amin(1, keepdim=True), x.detach().amax(1, keepdim=True)
+        return ((x - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1) * (bins - 1)
+
+    pf, pw = unit(f), unit(w)
+    i0 = pf.detach().floor().clamp(max=bins - 2)
+    a = pf - i0
+    fixed_bins = ((i0, 1 - a), (i0 + 1, a))
+    j = pw.detach().floor()
+    t = pw - j
+    # Cubic B-spline weights at bins j-1 .. j+2 (they sum to 1); the warped axis has 3 padding bins.
+    spline = ((1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6, t**3 / 6)
+    nw = bins + 3
+    joint = torch.zeros(b, bins * nw, dtype=w.dtype, device=w.device)
+    for fi, fw in fixed_bins:
+        for offset, ww in enumerate(spline):
+            index = (fi * nw + j + offset).long()
+            joint = joint.scatter_add(1, index, fw * ww)
+    p = joint / f.shape[1]
+    p = p.view(b, bins, nw)
+    product = p.sum(2, keepdim=True) * p.sum(1, keepdim=True)
+    mi = (p * (torch.log(p.clamp_min(1e-12)) - torch.log(product.clamp_min(1e-12)))).sum((1, 2))
+    return -mi.mean()

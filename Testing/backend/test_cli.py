@@ -195,10 +195,10 @@ def test_dip_and_iterative_schedules_from_the_command_line(tmp_path, shared_data
     """--levels/--steps/--similarity/--smooth-weight reach DIP and iterative, --max-seconds and --dip-network DIP (what ran is in metrics.json); misuse and nonsense values are one line, nothing written."""
     out = tmp_path / "dip"
     base = ["--data-root", str(shared_data), "register", "--sample", "mrus", "--init", "centres"]
-    assert main([*base, "--method", "dip", "--levels", "4", "--steps", "6", "--dip-network", "paper", "--out", str(out)]) == 0
+    assert main([*base, "--method", "dip", "--levels", "4", "--steps", "6", "--dip-network", "paper", "--similarity", "mi", "--out", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["options"]["levels"] == [4.0] and report["options"]["steps"] == [6] and report["steps_run"] == 6
-    assert report["options"]["network"] == "paper"
+    assert report["options"]["network"] == "paper" and report["options"]["similarity"] == "mi"
     assert report["registered"]["tre_rms_mm"] < report["identity"]["tre_rms_mm"]  # the centred start and six coarse steps
     out = tmp_path / "iterative"
     assert main([*base, "--method", "iterative", "--levels", "4", "--steps", "3", "--similarity", "mae", "--out", str(out)]) == 0

@@ -212,6 +212,24 @@ def test_register_from_the_command_line_with_the_planning_contour(tmp_path, shar
     assert not (tmp_path / "none").exists()
 
 
+def test_the_images_mutual_information_can_join_the_outlines(tmp_path, shared_data, test_pairs):
+    """--image-weight adds the images' mutual information beside the outlines: it reaches the method, moves the field,
+    and the registration still beats centring without folding (README: validation median TRE 5.88 -> 5.12 mm at 0.3)."""
+    pair = test_pairs[0]
+    base = ["--data-root", str(shared_data), "register", "--method", "glands", "--device", "cpu", "--fixed", str(pair.fixed),
+            "--moving", str(pair.moving), "--fixed-labels", str(pair.fixed_labels), "--moving-labels", str(pair.moving_labels)]  # fmt: skip
+    reports, fields = {}, {}
+    for weight in ("0", "0.3"):
+        out = tmp_path / weight
+        assert main([*base, "--image-weight", weight, "--out", str(out)]) == 0
+        reports[weight] = json.loads((out / "metrics.json").read_text())
+        fields[weight] = Volume.read(out / "field.nii.gz").array
+    assert reports["0.3"]["options"]["image_weight"] == 0.3
+    assert np.abs(fields["0.3"] - fields["0"]).max() > 0.5
+    ours, start = reports["0.3"]["registered"], reports["0.3"]["identity"]
+    assert ours["folding_pct"] == 0 and ours["dice_mean"] > 0.75 and ours["tre_rms_mm"] < start["tre_rms_mm"] - 5.0
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

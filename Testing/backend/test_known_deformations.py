@@ -183,6 +183,18 @@ def test_local_gradient_loss_falls_towards_the_true_field(stroke_pair):
     assert loss[1.0] < loss[1.5] - 0.02, loss
 
 
+def test_mutual_information_falls_towards_the_true_field(stroke_pair):
+    """The multimodal similarity of the per-pair optimisers: highest at the answer of this T1 -> T2 pair, and more so than
+    halfway or past it."""
+    _, v = stroke_pair
+    grid = Grid.of(v.fixed)
+    fixed, moving = (torch.as_tensor(normalise_intensity(x.array))[None, None] for x in (v.fixed, v.moving))
+    u = torch.as_tensor(v.true_field.array)[None]
+    loss = {s: losses.mutual_information(fixed, warp(moving, s * u, grid, grid)).item() for s in (0.0, 0.5, 1.0, 1.5)}
+    assert loss[1.0] < loss[0.5] - 0.05 < loss[0.0] - 0.1, loss
+    assert loss[1.0] < loss[1.5] - 0.05, loss
+
+
 def independent_mask(pair, v) -> np.ndarray:
     """T2 > 10% of its 99th percentile, looked up at x + u(x) by nearest voxel, in plain numpy."""
     grid = Grid.of(v.fixed)

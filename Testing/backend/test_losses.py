@@ -94,6 +94,49 @@ def test_local_gradient_is_smallest_at_alignment_of_a_t1_t2_pair():
     assert by_shift[1] < by_shift[2] < by_shift[3] and by_shift[-1] < by_shift[-2] < by_shift[-3], by_shift
 
 
+def _smooth_noise(seed: int, size=(24, 24, 24)) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(1, 1, 6, 6, 6, generator=gen, dtype=torch.float64), size=size, mode="trilinear")
+
+
+def test_mutual_information_ignores_how_intensities_map_and_prefers_alignment():
+    img = _smooth_noise(0)
+    mi = losses.mutual_information
+    aligned = mi(img, img).item()
+    assert aligned < -1.5  # minus the entropy of 32 bins' worth of a smooth image
+    assert mi(img, 3 * img + 2).item() == pytest.approx(aligned, abs=1e-6)  # each image scaled by its own range
+    assert mi(img, 1 - img).item() == pytest.approx(aligned, abs=1e-6)  # inverted contrast, as T1 -> T2
+    # A non-monotone map (each value but the middle one reached twice) keeps most of it; LNCC loses it.
+    folded = (img - 0.5) ** 2
+    shifted = {s: mi(img, torch.roll(img, s, dims=4)).item() for s in (1, 2, 4)}
+    assert mi(img, folded).item() < shifted[1] - 0.3, (mi(img, folded).item(), shifted)
+    assert losses.lncc(img, folded).item() > losses.lncc(img, torch.roll(img, 1, dims=4)).item()
+    assert aligned < shifted[1] < shifted[2] < shifted[4] < 0, shifted
+    assert mi(img, _smooth_noise(1)).item() > -0.1  # independent images share next to nothing
+
+
+def test_mutual_information_gradient_matches_finite_differences():
+    """The Parzen windows make the loss smooth in the warped intensities: autograd agrees with central differences
+    (away from the two voxels that set the warped image's range, which the scaling holds fixed)."""
+    fixed, warped = _smooth_noise(0), torch.roll(_smooth_noise(0), 2, dims=4)
+    inner = (warped > warped.min()) & (warped < warped.max())
+    direction = torch.randn(warped.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * inner
+    x = warped.clone().requires_grad_(True)
+    losses.mutual_information(fixed, x).backward()
+    h = 1e-5
+    numeric = (losses.mutual_information(fixed, warped + h * direction) - losses.mutual_information(fixed, warped - h * direction)) / (2 * h)
+    assert (x.grad * direction).sum().item() == pytest.approx(numeric.item(), rel=1e-4)
+    assert abs(numeric.item()) > 1e-4  # a direction that changes the loss
+
+
+def test_mutual_information_of_a_large_volume_uses_a_fixed_regular_subset():
+    img = _smooth_noise(3, size=(40, 40, 40))
+    full = losses.mutual_information(img, img.roll(1, 4)).item()
+    strided = losses.mutual_information(img, img.roll(1, 4), max_voxels=10_000)
+    assert strided.item() == losses.mutual_information(img, img.roll(1, 4), max_voxels=10_000).item()
+    assert strided.item() == pytest.approx(full, abs=0.1)
+
+
 def test_mae_mse():
     a = torch.zeros(1, 1, 3, 3, 3)
     b = torch.full((1, 1, 3, 3, 3), 2.0)

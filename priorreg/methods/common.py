@@ -12,10 +12,9 @@ import torch
 from .. import losses
 from ..data import binary_channels
 from ..filters import gaussian_smooth_mm
+from ..registration import SIMILARITIES
 from ..spatial import Grid, sample, warp
 from ..volume import Volume
-
-SIMILARITIES = ("lncc", "mse", "mae", "local_gradient")
 
 
 def check_schedule(levels, steps, **weights: float) -> None:
@@ -71,7 +70,8 @@ def label_channels(labels: Volume) -> np.ndarray:
 
 
 def similarity_loss(name: str, fixed: torch.Tensor, warped: torch.Tensor, grid: Grid, window: int = 7) -> torch.Tensor:
-    """One of `SIMILARITIES` (lower is better); `window` (voxels) is that of the local ones, lncc and local_gradient."""
+    """One of `SIMILARITIES` (lower is better); `window` (voxels) is that of the local ones, lncc and local_gradient;
+    mi is global (mutual information, for pairs of two modalities)."""
     if name == "lncc":
         return losses.lncc(fixed, warped, window)
     if name == "mse":
@@ -80,6 +80,8 @@ def similarity_loss(name: str, fixed: torch.Tensor, warped: torch.Tensor, grid: 
         return losses.mae(fixed, warped)
     if name == "local_gradient":
         return losses.local_gradient(fixed, warped, grid, window)
+    if name == "mi":
+        return losses.mutual_information(fixed, warped)
     raise ValueError(f"similarity must be one of {SIMILARITIES}, got {name!r}")
 
 

@@ -38,6 +38,8 @@ from .adversarial import ModelFrame, standardise
 from .common import label_channels, pick_device
 from .iterative import register_iterative
 
+IMAGE_SIMILARITY = "mi"  # what --image-weight adds: MR and ultrasound intensities share no local linear map (LNCC's model)
+
 ROLES = ("fixed", "moving")  # ultrasound, MR: one segmenter each
 # A predicted gland smaller than this is not a prostate: a quarter of the smallest expert gland of the shared
 # MR-US set (19 mL; a test checks the margin). It is what a non-prostate image (a test: a hippocampus MR crop)
@@ -142,12 +144,15 @@ def register_glands(
     progress=None,
     cancel=None,
     loaded: LoadedGlands | None = None,
+    image_weight: float = 0.0,
 ) -> RegistrationResult:
     """Segment the gland in both images (or take the user's), then register the segmentations alone.
 
     The registration is `register_iterative` with its default schedule (affine, then a
     diffeomorphic SVF at 1/4, 1/2 and full resolution) and the gland's multiscale Dice as its
-    only term. An empty predicted gland (an image with no prostate in view) is an error, not a
+    only term; `image_weight` > 0 adds the images' mutual information (`IMAGE_SIMILARITY`) with that
+    weight, for what the outlines miss inside and around the gland (0.3 lowered the validation
+    patients' median TRE from 5.88 to 5.12 mm; README, "MR to TRUS through the gland"). An empty predicted gland (an image with no prostate in view) is an error, not a
     silent identity, and so is one smaller than any prostate (`MIN_GLAND_ML`). With both glands
     given nothing is segmented: that is the label-only registration of expert outlines the method
     is measured against.
@@ -169,7 +174,10 @@ def register_glands(
                 f"(under {MIN_GLAND_ML:g} mL): is the prostate in its field of view, and are its voxel spacings right?"
             )
     device = str(net.device) if net is not None else device
-    result = register_outlines(fixed, moving, glands["fixed"], glands["moving"], moving_labels, init, device, progress, cancel)
+    image = {"similarity": IMAGE_SIMILARITY} if image_weight > 0 else {}
+    result = register_outlines(
+        fixed, moving, glands["fixed"], glands["moving"], moving_labels, init, device, progress, cancel, image_weight, **image
+    )
     result.method, result.seconds = "glands", time.perf_counter() - start
     return result
 
