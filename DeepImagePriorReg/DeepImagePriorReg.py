@@ -49,7 +49,7 @@ class DeepImagePriorRegParameterNode:
     movingSegmentation: vtkMRMLSegmentationNode
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     init: Annotated[str, Choice(["geometry", "centres"])] = "geometry"
-    similarity: Annotated[str, Choice(["mae", "lncc", "mse", "local_gradient", "mi"])] = "mae"  # priorreg.registration.SIMILARITIES
+    similarity: Annotated[str, Choice(["mae", "lncc", "mse", "local_gradient", "mi"])] = "mae"  # priorreg.methods.common.SIMILARITIES
     levels: str = "2, 1"
     steps: str = "200, 100"
     maxSeconds: Annotated[float, WithinRange(0.0, 86400.0)] = 0.0  # 0: no time budget

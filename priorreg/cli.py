@@ -20,9 +20,10 @@ from . import data
 from .evaluate import TASKS, evaluate_task, pair_metrics, summarise, versions
 from .jacobian import jacobian_volume
 from .methods import METHODS
+from .methods.common import SIMILARITIES
 from .methods.dip import NETWORKS as DIP_NETWORKS
 from .models import FINETUNED
-from .registration import SIMILARITIES, Cancelled, Progress, register
+from .registration import Cancelled, Progress, register
 from .simulate import cli as simulate_cli
 from .spatial import Grid, read_field, resample, write_field
 from .volume import Volume, VolumeError

@@ -14,10 +14,6 @@ from dataclasses import field as dc_field
 
 from .volume import Volume
 
-# The image similarities of the per-pair optimisers and of test-time fine-tuning (`methods/common.py`
-# computes them). Named here, where nothing imports torch; DeepImagePriorReg lists them again as a literal (its parameter node).
-SIMILARITIES = ("lncc", "mse", "mae", "local_gradient", "mi")
-
 
 class Cancelled(Exception):
     """Raised inside a method when its `cancel` callback returns True; nothing is returned."""

@@ -288,3 +288,11 @@ def test_panel_loads_with_qt_and_is_kept_as_png(module, artifacts_dir):
     colours = {image.pixel(x, y) for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
     assert len(colours) > 5, "the panel rendered blank"
     panel.close()
+
+
+def test_the_dip_panel_offers_every_similarity_the_backend_has():
+    """The parameter node needs its choices as a literal (the module must load without torch): held equal to the backend's."""
+    from priorreg.methods.common import SIMILARITIES
+
+    (choices,) = parameters(module_source("DeepImagePriorReg"))["similarity"][1]["Choice"]
+    assert sorted(choices) == sorted(SIMILARITIES)

@@ -12,9 +12,12 @@ import torch
 from .. import losses
 from ..data import binary_channels
 from ..filters import gaussian_smooth_mm
-from ..registration import SIMILARITIES
 from ..spatial import Grid, sample, warp
 from ..volume import Volume
+
+# The image similarities of the per-pair optimisers and of test-time fine-tuning (`similarity_loss`). DeepImagePriorReg's
+# parameter node repeats them as a literal, which `Testing/packaging/test_panels.py` holds equal to this.
+SIMILARITIES = ("lncc", "mse", "mae", "local_gradient", "mi")
 
 
 def check_schedule(levels, steps, **weights: float) -> None:
@@ -134,7 +137,9 @@ class PairData:
     def loss(self, u: torch.Tensor, grid: Grid, level) -> torch.Tensor:
         """Image similarity (+ label Dice) of the field `u` (mm, on `grid`) with `level`'s images."""
         f, m, fl = level
-        loss = self.image_weight * similarity_loss(self.similarity, f, warp(m, u, grid, self.mgrid), grid)
+        loss = torch.zeros((), device=u.device)
+        if self.image_weight > 0:  # the label-only registrations (glands, segreg) never compute an image term
+            loss = loss + self.image_weight * similarity_loss(self.similarity, f, warp(m, u, grid, self.mgrid), grid)
         if self.use_labels:
             warped_labels = warp(self.m_lab, u, grid, self.mgrid)
             loss = loss + self.label_weight * losses.multiscale_dice(warped_labels, fl, grid, self.label_sigmas_mm)
